@@ -1,0 +1,128 @@
+"""Every config key dinodet2 adds to Detectron2's YACS config, with its default.
+
+Call :func:`add_dinodet2_config` on a fresh ``get_cfg()`` before merging a dinodet2 YAML file.
+Keys are grouped by the component they configure:
+
+* ``MODEL.DINOV2``  -- the DINOv2 vision transformer (HF ``transformers``)
+* ``MODEL.LORA``    -- LoRA adapters on the backbone (HF ``peft``)
+* ``MODEL.SFP``     -- the simple feature pyramid neck
+* ``MODEL.DETR``    -- the DETR meta-architecture: transformer, matcher, losses
+* ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options
+"""
+from detectron2.config import CfgNode as CN
+
+# DINOv2 was trained on ImageNet-normalised RGB; these are those statistics scaled to [0, 255].
+IMAGENET_PIXEL_MEAN_RGB = [123.675, 116.28, 103.53]
+IMAGENET_PIXEL_STD_RGB = [58.395, 57.12, 57.375]
+
+
+def add_dinodet2_config(cfg):
+    """Add dinodet2's config keys (with defaults) to ``cfg`` in place and return it."""
+    _C = cfg
+
+    # ----------------------------------------------------------------------------------------
+    # DINOv2 backbone
+    # ----------------------------------------------------------------------------------------
+    _C.MODEL.DINOV2 = CN()
+    # HuggingFace Hub id (e.g. "facebook/dinov2-base", "facebook/dinov2-with-registers-base")
+    # or a local directory written by `save_pretrained`.
+    _C.MODEL.DINOV2.NAME = "facebook/dinov2-base"
+    # Build a randomly initialised DINOv2 from the size keys below instead of loading NAME.
+    _C.MODEL.DINOV2.RANDOM_INIT = False
+    # Size keys, used only when RANDOM_INIT is True.
+    _C.MODEL.DINOV2.HIDDEN_SIZE = 768
+    _C.MODEL.DINOV2.NUM_LAYERS = 12
+    _C.MODEL.DINOV2.NUM_HEADS = 12
+    _C.MODEL.DINOV2.MLP_RATIO = 4.0
+    _C.MODEL.DINOV2.PATCH_SIZE = 14
+    _C.MODEL.DINOV2.PRETRAIN_IMAGE_SIZE = 518
+    _C.MODEL.DINOV2.NUM_REGISTER_TOKENS = 0
+    # 0-based indices of the transformer blocks whose outputs are returned (-1 = last block).
+    # Output feature names are "layer{i}" with i the non-negative block index.
+    _C.MODEL.DINOV2.OUT_INDICES = [-1]
+    # Apply DINOv2's final LayerNorm to every returned layer (as HF's Dinov2Backbone does).
+    _C.MODEL.DINOV2.APPLY_LAYERNORM = True
+    # Freeze all pretrained backbone weights (LoRA adapters still train).
+    _C.MODEL.DINOV2.FREEZE = True
+    # Drop-path rate inside the ViT blocks.
+    _C.MODEL.DINOV2.DROP_PATH_RATE = 0.0
+    # Only load files already on disk (never contact the Hub). Also honoured: HF_HUB_OFFLINE=1.
+    _C.MODEL.DINOV2.LOCAL_FILES_ONLY = False
+
+    # ----------------------------------------------------------------------------------------
+    # LoRA adapters (peft)
+    # ----------------------------------------------------------------------------------------
+    _C.MODEL.LORA = CN()
+    _C.MODEL.LORA.ENABLED = True
+    _C.MODEL.LORA.RANK = 4
+    _C.MODEL.LORA.ALPHA = 4.0
+    _C.MODEL.LORA.DROPOUT = 0.0
+    # Module families to adapt. Families are resolved to the module names of the installed
+    # transformers version (4.x: attention.attention.query/key/value, attention.output.dense;
+    # 5.x: attention.q_proj/k_proj/v_proj/o_proj). Allowed: query, key, value, attn_out, fc1, fc2.
+    _C.MODEL.LORA.TARGET_MODULES = ["query", "value"]
+
+    # ----------------------------------------------------------------------------------------
+    # Simple feature pyramid neck (ViTDet style, explicit strides for patch 14)
+    # ----------------------------------------------------------------------------------------
+    _C.MODEL.SFP = CN()
+    # Backbone features feeding the pyramid: [] = the backbone's last output for every level,
+    # one name (e.g. "layer11") for all levels, or one name per scale factor (multi-layer pyramid).
+    _C.MODEL.SFP.IN_FEATURES = []
+    # Resampling factors relative to the patch grid: 2.0 -> stride 7, 1.0 -> 14, 0.5 -> 28.
+    # Allowed: 4.0, 2.0, 1.0, 0.5, 0.25.
+    _C.MODEL.SFP.SCALE_FACTORS = [2.0, 1.0, 0.5]
+    _C.MODEL.SFP.OUT_CHANNELS = 256
+    # Norm after each conv: "LN" (channel LayerNorm, as ViTDet), "GN", "BN", "SyncBN" or "".
+    _C.MODEL.SFP.NORM = "LN"
+    # How to downsample for factors < 1: "maxpool" (ViTDet) or "conv" (strided conv).
+    _C.MODEL.SFP.DOWNSAMPLE = "maxpool"
+
+    # ----------------------------------------------------------------------------------------
+    # DETR meta-architecture
+    # ----------------------------------------------------------------------------------------
+    _C.MODEL.DETR = CN()
+    _C.MODEL.DETR.NUM_CLASSES = 80
+    # Backbone / neck features given to the transformer ([] = all of them, in stride order).
+    _C.MODEL.DETR.IN_FEATURES = []
+    _C.MODEL.DETR.HIDDEN_DIM = 256
+    _C.MODEL.DETR.NUM_QUERIES = 100
+    _C.MODEL.DETR.NHEADS = 8
+    _C.MODEL.DETR.ENC_LAYERS = 0
+    _C.MODEL.DETR.DEC_LAYERS = 6
+    _C.MODEL.DETR.DIM_FEEDFORWARD = 2048
+    _C.MODEL.DETR.DROPOUT = 0.1
+    _C.MODEL.DETR.PRE_NORM = False
+    # Auxiliary losses on every decoder layer.
+    _C.MODEL.DETR.DEEP_SUPERVISION = True
+    # Classification loss: "ce" (softmax over NUM_CLASSES + no-object) or "focal" (sigmoid).
+    _C.MODEL.DETR.CLASS_LOSS = "ce"
+    # Relative weight of the no-object class in the cross-entropy loss.
+    _C.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
+    _C.MODEL.DETR.FOCAL_ALPHA = 0.25
+    _C.MODEL.DETR.FOCAL_GAMMA = 2.0
+    # Loss weights.
+    _C.MODEL.DETR.CLASS_WEIGHT = 1.0
+    _C.MODEL.DETR.L1_WEIGHT = 5.0
+    _C.MODEL.DETR.GIOU_WEIGHT = 2.0
+    # Hungarian matching cost weights.
+    _C.MODEL.DETR.COST_CLASS = 1.0
+    _C.MODEL.DETR.COST_BBOX = 5.0
+    _C.MODEL.DETR.COST_GIOU = 2.0
+
+    # ----------------------------------------------------------------------------------------
+    # Optimisation
+    # ----------------------------------------------------------------------------------------
+    # "ADAMW" (default) or "SGD" (Detectron2's builder).
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+    _C.SOLVER.BETAS = (0.9, 0.999)
+    # LR multiplier for LoRA adapter parameters of the backbone.
+    _C.SOLVER.LORA_LR_MULTIPLIER = 1.0
+    # LR multiplier for explicitly unfrozen (non-LoRA) backbone parameters.
+    _C.SOLVER.BACKBONE_LR_MULTIPLIER = 0.1
+    # Weight decay for embeddings (object queries, position/level embeddings, cls/register tokens).
+    _C.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Pass find_unused_parameters=True to DistributedDataParallel.
+    _C.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
+
+    return cfg

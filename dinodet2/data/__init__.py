@@ -1,0 +1,34 @@
+"""Data layer: the synthetic shapes dataset, dataset checks and the DETR dataset mapper.
+
+Importing this package registers ``shapes_train`` and ``shapes_val`` with Detectron2's
+catalogs (under ``$DETECTRON2_DATASETS/shapes``, as read at import time).
+"""
+from .checks import DatasetNotRegisteredError, check_datasets_exist
+from .mapper import DetrDatasetMapper, clip_and_filter_annotations
+from .shapes import (
+    SHAPES_CLASSES,
+    default_shapes_root,
+    generate_shapes_dataset,
+    is_shapes_dataset,
+    prepare_shapes_dataset,
+    register_shapes_dataset,
+    register_shapes_datasets,
+    render_shapes_image,
+)
+
+register_shapes_datasets()
+
+__all__ = [
+    "DatasetNotRegisteredError",
+    "DetrDatasetMapper",
+    "SHAPES_CLASSES",
+    "check_datasets_exist",
+    "clip_and_filter_annotations",
+    "default_shapes_root",
+    "generate_shapes_dataset",
+    "is_shapes_dataset",
+    "prepare_shapes_dataset",
+    "register_shapes_dataset",
+    "register_shapes_datasets",
+    "render_shapes_image",
+]

@@ -1,0 +1,3 @@
+from .checkpoint import Dinodet2Checkpointer, remap_lora_keys
+from .optimizer import build_optimizer, build_param_groups
+from .trainer import Trainer, check_amp_available, prepare_datasets, wrap_ddp

@@ -1,0 +1,90 @@
+"""Detectron2 DefaultTrainer with what dinodet2 needs to differ, and nothing more."""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data import DetrDatasetMapper, check_datasets_exist
+from .checkpoint import Dinodet2Checkpointer
+from .optimizer import build_optimizer
+
+__all__ = ["Trainer", "check_amp_available", "prepare_datasets", "wrap_ddp"]
+
+
+def check_amp_available(cfg) -> None:
+    """Detectron2's AMPTrainer needs CUDA; say so clearly instead of its bare assertion."""
+    if cfg.SOLVER.AMP.ENABLED and not (cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED=True needs a CUDA device (MODEL.DEVICE='{cfg.MODEL.DEVICE}', "
+            f"torch.cuda.is_available()={torch.cuda.is_available()}). Detectron2's AMPTrainer only "
+            "supports CUDA; set SOLVER.AMP.ENABLED=False to train in fp32 on this device."
+        )
+
+
+def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel for >1 process; CPU (gloo) models are wrapped without device_ids."""
+    kwargs = {"broadcast_buffers": False,
+              "find_unused_parameters": cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS}
+    if next(model.parameters()).device.type != "cuda":
+        kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
+
+
+def prepare_datasets(dataset_names) -> None:
+    """Check (and for the embedded shapes dataset, generate) dataset files, main process first."""
+    if comm.is_main_process():
+        check_datasets_exist(dataset_names)
+    comm.synchronize()
+    if not comm.is_main_process():
+        check_datasets_exist(dataset_names)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer + COCOEvaluator, AdamW parameter groups, DETR's mapper, CPU-capable DDP,
+    LoRA-aware checkpointing and a clear AMP-on-CPU error."""
+
+    def __init__(self, cfg):
+        # Same steps as DefaultTrainer.__init__, except how the model is wrapped for DDP and
+        # which checkpointer is used (it would otherwise pass device_ids to CPU modules).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        check_amp_available(cfg)
+        prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(cfg, model)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = Dinodet2Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder)

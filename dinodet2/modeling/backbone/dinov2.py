@@ -1,0 +1,196 @@
+"""DINOv2 vision transformer (HF ``transformers``) as a Detectron2 ``Backbone``."""
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from .lora import inject_lora, is_lora_parameter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Dinov2Backbone", "build_dinov2_backbone", "load_dinov2_model"]
+
+_POS_CACHE_SIZE = 16
+
+
+def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict = None,
+                      drop_path_rate: float = 0.0, local_files_only: bool = False) -> nn.Module:
+    """Load a pretrained DINOv2 (Hub id or local directory) or build a random one.
+
+    Dispatches through ``AutoModel`` so "with registers" checkpoints get their own class.
+    """
+    from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig
+
+    if random_init:
+        size_kwargs = dict(size_kwargs or {})
+        num_registers = size_kwargs.pop("num_register_tokens", 0)
+        config_cls = Dinov2WithRegistersConfig if num_registers > 0 else Dinov2Config
+        extra = {"num_register_tokens": num_registers} if num_registers > 0 else {}
+        config = config_cls(drop_path_rate=drop_path_rate, **size_kwargs, **extra)
+        return AutoModel.from_config(config)
+    local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    try:
+        return AutoModel.from_pretrained(name, drop_path_rate=drop_path_rate,
+                                         local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"Could not load DINOv2 weights from MODEL.DINOV2.NAME='{name}' ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}).\n"
+            "If this machine is offline or cannot reach the HuggingFace Hub, download the model once "
+            "elsewhere, e.g. `python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{name}').save_pretrained('/path/to/dinov2')\"`, copy the "
+            "folder here and set MODEL.DINOV2.NAME=/path/to/dinov2 (a local directory). To train "
+            "without pretrained weights set MODEL.DINOV2.RANDOM_INIT=True."
+        ) from e
+
+
+class Dinov2Backbone(Backbone):
+    """DINOv2 token embeddings as stride-14 feature maps from one or several blocks.
+
+    * Works for any input size that is a multiple of the patch size (``size_divisibility``
+      makes Detectron2's ``ImageList`` pad to it); position embeddings are interpolated with
+      DINOv2's own routine and cached per feature-grid shape.
+    * CLS (and register) tokens are dropped from the outputs.
+    * Output names are ``layer{i}`` for each 0-based block index ``i`` in ``out_indices``.
+    """
+
+    def __init__(self, vit: nn.Module, out_indices: Sequence[int] = (-1,), apply_layernorm: bool = True):
+        super().__init__()
+        depth = len(vit.encoder.layer)
+        indices = sorted({i % depth if -depth <= i < depth else _bad_index(i, depth) for i in out_indices})
+        # Blocks after the last requested one never run: drop them (less memory, no DDP-unused params).
+        vit.encoder.layer = vit.encoder.layer[: indices[-1] + 1]
+        self.vit = vit
+        self.out_indices = indices
+        self.apply_layernorm = apply_layernorm
+        self.patch_size = _as_int(vit.config.patch_size)
+        self.num_register_tokens = getattr(vit.config, "num_register_tokens", 0) or 0
+        self.hidden_size = vit.config.hidden_size
+        self._out_features = [f"layer{i}" for i in indices]
+        self._out_feature_strides = {f: self.patch_size for f in self._out_features}
+        self._out_feature_channels = {f: self.hidden_size for f in self._out_features}
+        self._pos_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.patch_size
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": self.patch_size}
+
+    def position_embeddings(self, height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """[1, 1 + h*w, C] position embeddings (CLS first) for an input of ``height`` x ``width`` px.
+
+        Uses DINOv2's ``interpolate_pos_encoding`` so results match the plain model exactly, and
+        caches the result per shape while the embeddings are not being trained.
+        """
+        emb = self.vit.embeddings
+        table = emb.position_embeddings
+        num_tokens = 1 + (height // self.patch_size) * (width // self.patch_size)
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad)
+        key = (height, width, dtype, device, table._version, table.data_ptr())
+        if cacheable and key in self._pos_cache:
+            self._pos_cache.move_to_end(key)
+            return self._pos_cache[key]
+        probe = torch.empty(1, num_tokens, self.hidden_size, dtype=dtype, device=device)
+        pos = emb.interpolate_pos_encoding(probe, height, width).to(dtype)
+        if cacheable:
+            self._pos_cache[key] = pos.detach()
+            if len(self._pos_cache) > _POS_CACHE_SIZE:
+                self._pos_cache.popitem(last=False)
+        return pos
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        batch, _, height, width = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"DINOv2 input of size {height}x{width} is not a multiple of the patch size {p}; "
+                "pad it (Detectron2's ImageList does so with backbone.size_divisibility)."
+            )
+        h, w = height // p, width // p
+        emb = self.vit.embeddings
+        patches = emb.patch_embeddings(x)
+        pos = self.position_embeddings(height, width, patches.dtype, patches.device)
+        cls = emb.cls_token.expand(batch, -1, -1) + pos[:, :1]
+        tokens = [cls]
+        if self.num_register_tokens:
+            tokens.append(emb.register_tokens.expand(batch, -1, -1))
+        tokens.append(patches + pos[:, 1:])
+        hidden = emb.dropout(torch.cat(tokens, dim=1))
+
+        prefix = 1 + self.num_register_tokens
+        outputs = {}
+        for i, block in enumerate(self.vit.encoder.layer):
+            hidden = block(hidden)
+            if isinstance(hidden, tuple):  # transformers 4.x blocks return tuples
+                hidden = hidden[0]
+            if i in self.out_indices:
+                out = self.vit.layernorm(hidden) if self.apply_layernorm else hidden
+                out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
+                outputs[f"layer{i}"] = out.contiguous()
+        return outputs
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+
+def _bad_index(i: int, depth: int):
+    raise ValueError(f"MODEL.DINOV2.OUT_INDICES contains {i}, but the model has {depth} blocks "
+                     f"(valid: {-depth}..{depth - 1}).")
+
+
+def _as_int(v) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def configure_trainable(backbone: Dinov2Backbone, freeze: bool) -> None:
+    """Freeze the pretrained weights when asked; LoRA parameters always train.
+
+    The mask token (used only by DINOv2's masked-image pre-training) never receives a gradient
+    here, so it is always frozen; otherwise DDP would report it as an unused parameter.
+    """
+    for name, param in backbone.named_parameters():
+        param.requires_grad = is_lora_parameter(name) or not (freeze or name.endswith("mask_token"))
+
+
+@BACKBONE_REGISTRY.register()
+def build_dinov2_backbone(cfg, input_shape: ShapeSpec = None) -> Dinov2Backbone:
+    """DINOv2 (+ LoRA) backbone with single-scale outputs (``MODEL.DINOV2.*``, ``MODEL.LORA.*``).
+
+    Pretrained weights are loaded *before* LoRA adapters are injected, so HF checkpoints keep
+    their original parameter names.
+    """
+    c = cfg.MODEL.DINOV2
+    if input_shape is not None and input_shape.channels not in (None, 3):
+        raise ValueError(f"DINOv2 expects 3 input channels, got {input_shape.channels}.")
+    vit = load_dinov2_model(
+        c.NAME,
+        random_init=c.RANDOM_INIT,
+        size_kwargs=dict(
+            hidden_size=c.HIDDEN_SIZE, num_hidden_layers=c.NUM_LAYERS, num_attention_heads=c.NUM_HEADS,
+            mlp_ratio=int(c.MLP_RATIO) if float(c.MLP_RATIO).is_integer() else c.MLP_RATIO, patch_size=c.PATCH_SIZE, image_size=c.PRETRAIN_IMAGE_SIZE,
+            num_register_tokens=c.NUM_REGISTER_TOKENS,
+        ),
+        drop_path_rate=c.DROP_PATH_RATE,
+        local_files_only=c.LOCAL_FILES_ONLY,
+    )
+    backbone = Dinov2Backbone(vit, out_indices=c.OUT_INDICES, apply_layernorm=c.APPLY_LAYERNORM)
+    lora = cfg.MODEL.LORA
+    if lora.ENABLED:
+        inject_lora(backbone.vit, lora.TARGET_MODULES, lora.RANK, lora.ALPHA, lora.DROPOUT)
+    configure_trainable(backbone, freeze=c.FREEZE)
+    total = sum(p.numel() for p in backbone.parameters())
+    trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    logger.info("DINOv2 backbone: %s parameters, %s trainable (%.2f%%)", f"{total:,}", f"{trainable:,}",
+                100.0 * trainable / max(total, 1))
+    return backbone

@@ -1,0 +1,193 @@
+"""DETR set-prediction losses (classification, L1 box and GIoU) with deep supervision.
+
+Each decoder output layer is matched to the targets on its own with the Hungarian matcher; the
+losses of the matched pairs (and the no-object classification of the unmatched queries) are then
+weighted and returned in a flat dict that Detectron2's trainer sums.
+"""
+
+from typing import Any, Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage, has_event_storage
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .matcher import CLASS_LOSSES
+
+
+class SetCriterion(nn.Module):
+    """Computes the weighted DETR losses for the final decoder layer and every auxiliary layer.
+
+    Args:
+        num_classes: K, the number of object classes (without no-object).
+        matcher: callable ``(pred_logits, pred_boxes, targets) -> [(pred_idx, tgt_idx)] * B``,
+            normally a :class:`~dinodet2.modeling.matcher.HungarianMatcher`.
+        class_loss: ``"ce"`` (softmax cross-entropy over K+1 logits, the last one no-object)
+            or ``"focal"`` (sigmoid focal loss over K logits).
+        no_object_weight: CE weight of the no-object class (``"ce"`` only).
+        focal_alpha: alpha of the focal loss (``"focal"`` only).
+        focal_gamma: gamma of the focal loss (``"focal"`` only).
+        class_weight: weight of the classification loss.
+        l1_weight: weight of the L1 box loss.
+        giou_weight: weight of the GIoU loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        class_loss: str = "ce",
+        no_object_weight: float = 0.1,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        class_weight: float = 1.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {class_loss!r}")
+        matcher_class_loss = getattr(matcher, "class_loss", class_loss)
+        if matcher_class_loss != class_loss:
+            raise ValueError(
+                f"The matcher uses class_loss={matcher_class_loss!r} but the criterion uses "
+                f"{class_loss!r}; they interpret the logits differently and must agree"
+            )
+        if no_object_weight < 0:
+            raise ValueError(f"no_object_weight must be >= 0, got {no_object_weight}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_loss = class_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.class_weight = class_weight
+        self.l1_weight = l1_weight
+        self.giou_weight = giou_weight
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+        self.last_metrics: Dict[str, float] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, class_loss={self.class_loss!r}, "
+            f"weights=(class={self.class_weight}, l1={self.l1_weight}, giou={self.giou_weight})"
+        )
+
+    def forward(
+        self, outputs: Dict[str, Any], targets: List[Dict[str, Tensor]]
+    ) -> Dict[str, Tensor]:
+        """Compute the weighted losses.
+
+        Args:
+            outputs: ``"pred_logits"`` ([B, Q, K+1] for ``"ce"``, [B, Q, K] for ``"focal"``),
+                ``"pred_boxes"`` ([B, Q, 4] normalised cxcywh) and optionally ``"aux_outputs"``,
+                a list of dicts with the same two keys, one per earlier decoder layer.
+            targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
+                cxcywh), on the same device as the predictions.
+
+        Returns:
+            ``loss_class``, ``loss_bbox``, ``loss_giou`` for the final layer and
+            ``loss_class_{i}``, ``loss_bbox_{i}``, ``loss_giou_{i}`` for auxiliary layer i, each
+            already multiplied by its weight. ``class_error`` (final layer) is logged to the
+            current :class:`EventStorage`, if any, and kept in :attr:`last_metrics`.
+        """
+        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        losses = self._layer_losses(outputs, targets, num_boxes, suffix="", log_metrics=True)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self._layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
+        return losses
+
+    @staticmethod
+    def _num_boxes(targets: List[Dict[str, Tensor]], device: torch.device) -> float:
+        """Average number of target boxes per worker (sum over all workers / world size), >= 1."""
+        num_boxes = torch.tensor(
+            float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
+        )
+        world_size = comm.get_world_size()
+        if world_size > 1:
+            torch.distributed.all_reduce(num_boxes)
+        return torch.clamp(num_boxes / world_size, min=1).item()
+
+    def _layer_losses(
+        self,
+        outputs: Dict[str, Tensor],
+        targets: List[Dict[str, Tensor]],
+        num_boxes: float,
+        suffix: str,
+        log_metrics: bool = False,
+    ) -> Dict[str, Tensor]:
+        """Match one decoder layer's predictions and compute its weighted losses."""
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        expected = self.num_classes + 1 if self.class_loss == "ce" else self.num_classes
+        if logits.shape[-1] != expected:
+            raise ValueError(
+                f"pred_logits has {logits.shape[-1]} logits per query; class_loss="
+                f"{self.class_loss!r} with num_classes={self.num_classes} expects {expected}"
+            )
+        indices = self.matcher(logits, boxes, targets)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        batch_idx, src_idx = batch_idx.to(logits.device), src_idx.to(logits.device)
+        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        matched_tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        matched_logits = logits[batch_idx, src_idx]
+        matched_boxes = boxes[batch_idx, src_idx]
+
+        if self.class_loss == "ce":
+            target_classes = torch.full(
+                logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+            )
+            target_classes[batch_idx, src_idx] = matched_labels
+            loss_class = F.cross_entropy(
+                logits.transpose(1, 2), target_classes, weight=self.empty_weight
+            )
+        else:
+            target_onehot = torch.zeros_like(logits)
+            target_onehot[batch_idx, src_idx, matched_labels] = 1.0
+            loss_class = (
+                sigmoid_focal_loss(
+                    logits, target_onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
+                )
+                / num_boxes
+            )
+
+        matched_tgt_boxes = matched_tgt_boxes.float()
+        loss_bbox = F.l1_loss(matched_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(
+                box_convert(matched_boxes, "cxcywh", "xyxy"),
+                box_convert(matched_tgt_boxes, "cxcywh", "xyxy"),
+                reduction="sum",
+            )
+            / num_boxes
+        )
+
+        if log_metrics:
+            self._log_class_error(matched_logits, matched_labels)
+        return {
+            f"loss_class{suffix}": self.class_weight * loss_class,
+            f"loss_bbox{suffix}": self.l1_weight * loss_bbox,
+            f"loss_giou{suffix}": self.giou_weight * loss_giou,
+        }
+
+    @torch.no_grad()
+    def _log_class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> None:
+        """Record ``class_error`` = 100 - top-1 accuracy (%) of the matched queries.
+
+        With ``"ce"`` the argmax includes the no-object logit, as in DETR.
+
+        Nothing is recorded when no query is matched (the metric is undefined then).
+        """
+        if matched_labels.numel() == 0:
+            self.last_metrics = {}
+            return
+        accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+        self.last_metrics = {"class_error": 100.0 - accuracy.item()}
+        if has_event_storage():
+            get_event_storage().put_scalar("class_error", self.last_metrics["class_error"])

@@ -1,0 +1,134 @@
+"""Hungarian (bipartite) matching between DETR predictions and ground-truth boxes.
+
+For each image, every ground-truth box is assigned to exactly one query (and every query to at
+most one box) so that the summed matching cost is minimal. The cost of pairing query ``q`` with
+target ``t`` is::
+
+    cost_class * C_cls(q, t) + cost_bbox * L1(box_q, box_t) + cost_giou * -GIoU(box_q, box_t)
+
+where the L1 distance is taken on normalised ``(cx, cy, w, h)`` boxes and GIoU on their
+``(x1, y1, x2, y2)`` form.
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+CLASS_LOSSES = ("ce", "focal")
+
+
+class HungarianMatcher(nn.Module):
+    """Assigns targets to queries by minimising the DETR matching cost (no learnable state).
+
+    Args:
+        cost_class: weight of the classification cost.
+        cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
+        cost_giou: weight of the negative generalized IoU.
+        class_loss: ``"ce"`` (softmax over K classes + a trailing no-object logit; the class cost
+            is minus the target class probability) or ``"focal"`` (K sigmoid logits; the class
+            cost is the Deformable-DETR focal cost).
+        focal_alpha: alpha of the focal cost (only used with ``"focal"``).
+        focal_gamma: gamma of the focal cost (only used with ``"focal"``).
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        class_loss: str = "ce",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        costs = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
+        negative = [name for name, value in costs.items() if value < 0]
+        if negative:
+            raise ValueError(f"Matching costs must be >= 0, got negative {negative}: {costs}")
+        if all(value == 0 for value in costs.values()):
+            raise ValueError(f"At least one matching cost must be > 0, got {costs}")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {class_loss!r}")
+        if not 0.0 <= focal_alpha <= 1.0:
+            raise ValueError(f"focal_alpha must be in [0, 1], got {focal_alpha}")
+        if focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.class_loss = class_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def extra_repr(self) -> str:
+        return (
+            f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
+            f"cost_giou={self.cost_giou}, class_loss={self.class_loss!r}"
+        )
+
+    def _class_cost(self, logits: Tensor, tgt_ids: Tensor) -> Tensor:
+        """Classification cost [N, T] for flattened float32 logits [N, C] and target ids [T]."""
+        if self.class_loss == "ce":
+            return -logits.softmax(-1)[:, tgt_ids]
+        prob = logits.sigmoid()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
+        pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
+        return pos[:, tgt_ids] - neg[:, tgt_ids]
+
+    @torch.no_grad()
+    def forward(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: List[Dict[str, Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """Match predictions to targets, image by image.
+
+        Args:
+            pred_logits: [B, Q, K+1] for ``"ce"`` (last index = no-object), [B, Q, K] for
+                ``"focal"``; any floating dtype (computed in float32).
+            pred_boxes: [B, Q, 4] normalised ``(cx, cy, w, h)`` boxes in [0, 1].
+            targets: B dicts with ``"labels"`` (int64 [n], ids in 0..K-1) and ``"boxes"``
+                ([n, 4] normalised cxcywh), on the same device as the predictions.
+
+        Returns:
+            B tuples ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length ``min(Q, n)``:
+            query ``pred_idx[j]`` is matched to target ``tgt_idx[j]``; ``pred_idx`` is sorted.
+        """
+        batch_size, num_queries = pred_logits.shape[:2]
+        if len(targets) != batch_size:
+            raise ValueError(f"Got {len(targets)} target dicts for a batch of {batch_size}")
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in targets]
+
+        # All images at once: [B*Q, sum(n)] costs, later split into the per-image diagonal blocks.
+        logits = pred_logits.flatten(0, 1).float()
+        boxes = pred_boxes.flatten(0, 1).float()
+        tgt_ids = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+
+        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        cost_giou = -generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        )
+        cost = (
+            self.cost_class * self._class_cost(logits, tgt_ids)
+            + self.cost_bbox * cost_bbox
+            + self.cost_giou * cost_giou
+        )
+        cost = cost.view(batch_size, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():
+            raise ValueError(
+                "HungarianMatcher got a non-finite (NaN/inf) matching cost: the predictions "
+                "(pred_logits / pred_boxes) or target boxes contain NaN/inf values (training has "
+                "probably diverged), or a predicted and a target box both have zero area."
+            )
+
+        indices = []
+        for i, block in enumerate(cost.split(sizes, dim=-1)):
+            pred_idx, tgt_idx = linear_sum_assignment(block[i].numpy())
+            indices.append((torch.from_numpy(pred_idx).long(), torch.from_numpy(tgt_idx).long()))
+        return indices

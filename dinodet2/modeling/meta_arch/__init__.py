@@ -1,0 +1,1 @@
+from .detr import DETR

@@ -1,0 +1,255 @@
+"""DETR meta-architecture for Detectron2: backbone (+neck) -> transformer -> set prediction."""
+import logging
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torchvision.ops import box_convert
+
+from ...config import IMAGENET_PIXEL_MEAN_RGB
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+from ..transformer import DetrTransformer, PositionEmbeddingSine
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DETR", "MLP"]
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU in between (DETR's box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+@META_ARCH_REGISTRY.register()
+class DETR(nn.Module):
+    """DETR with a Detectron2 backbone, Hungarian matching and Detectron2 inputs/outputs.
+
+    Training input: Detectron2's list of dicts with ``image`` (CHW, ``INPUT.FORMAT``) and
+    ``instances`` (``gt_boxes`` absolute XYXY in the image's resized frame, ``gt_classes``
+    contiguous ids). Output in training: a dict of weighted losses; in inference:
+    ``[{"instances": Instances}]`` in the original image's coordinates.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        transformer: DetrTransformer,
+        criterion: SetCriterion,
+        num_classes: int,
+        num_queries: int = 100,
+        in_features: Sequence[str] = (),
+        class_loss: str = "ce",
+        deep_supervision: bool = True,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        detections_per_image: int = 100,
+    ):
+        super().__init__()
+        shapes = backbone.output_shape()
+        in_features = list(in_features) or sorted(shapes, key=lambda f: shapes[f].stride)
+        missing = [f for f in in_features if f not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.DETR.IN_FEATURES {missing} are not produced by the backbone "
+                             f"(it outputs {list(shapes)}).")
+        if class_loss not in ("ce", "focal"):
+            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be 'ce' or 'focal', got '{class_loss}'.")
+        hidden = transformer.d_model
+        self.backbone = backbone
+        self.in_features = in_features
+        self.transformer = transformer
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.class_loss = class_loss
+        self.deep_supervision = deep_supervision
+        self.detections_per_image = detections_per_image
+
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(shapes[f].channels, hidden, kernel_size=1), nn.GroupNorm(32, hidden))
+            for f in in_features
+        )
+        self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
+        self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
+        self.query_embed = nn.Embedding(num_queries, hidden)
+        num_logits = num_classes + 1 if class_loss == "ce" else num_classes
+        self.class_embed = nn.Linear(hidden, num_logits)
+        self.bbox_embed = MLP(hidden, hidden, 4, 3)
+        self._reset_parameters()
+
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        log_parameter_summary(self)
+
+    def _reset_parameters(self):
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
+        if self.class_loss == "focal":  # prior probability 0.01 for every class (RetinaNet init)
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.DETR
+        _check_pixel_statistics(cfg)
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        transformer = DetrTransformer(
+            d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
+            num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
+            normalize_before=c.PRE_NORM,
+        )
+        matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
+                                   class_loss=c.CLASS_LOSS, focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA)
+        criterion = SetCriterion(
+            c.NUM_CLASSES, matcher, class_loss=c.CLASS_LOSS, no_object_weight=c.NO_OBJECT_WEIGHT,
+            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA, class_weight=c.CLASS_WEIGHT,
+            l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT,
+        )
+        return {
+            "backbone": backbone,
+            "transformer": transformer,
+            "criterion": criterion,
+            "num_classes": c.NUM_CLASSES,
+            "num_queries": c.NUM_QUERIES,
+            "in_features": c.IN_FEATURES,
+            "class_loss": c.CLASS_LOSS,
+            "deep_supervision": c.DEEP_SUPERVISION,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
+        """Normalise, pad to the backbone's divisibility; return images and a padding mask."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility,
+                                        padding_constraints=self.backbone.padding_constraints)
+        mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
+        for m, (h, w) in zip(mask, images.image_sizes):
+            m[:h, :w] = False
+        return images, mask
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """GT boxes as (cx, cy, w, h) normalised by each image's own unpadded size."""
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor.float() / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def forward_transformer(self, images: ImageList, mask: torch.Tensor) -> Dict:
+        """Backbone -> flattened multi-level tokens -> transformer -> class / box predictions."""
+        features = self.backbone(images.tensor)
+        srcs, masks, poss = [], [], []
+        for lvl, (name, proj) in enumerate(zip(self.in_features, self.input_proj)):
+            feat = features[name]
+            m = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+            pos = self.position_encoding(m).to(feat.dtype)
+            if self.level_embed is not None:
+                pos = pos + self.level_embed[lvl].view(1, -1, 1, 1).to(feat.dtype)
+            srcs.append(proj(feat).flatten(2).transpose(1, 2))
+            masks.append(m.flatten(1))
+            poss.append(pos.flatten(2).transpose(1, 2))
+        states, _ = self.transformer(torch.cat(srcs, 1), torch.cat(masks, 1), torch.cat(poss, 1),
+                                     self.query_embed.weight)
+        logits = self.class_embed(states)
+        boxes = self.bbox_embed(states).sigmoid()
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.deep_supervision:
+            outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return outputs
+
+    def forward(self, batched_inputs: List[Dict]):
+        images, mask = self.preprocess_image(batched_inputs)
+        outputs = self.forward_transformer(images, mask)
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("DETR training needs 'instances' in every input dict (use a dataset mapper "
+                                 "with annotations).")
+            return self.criterion(outputs, self.prepare_targets(batched_inputs, images))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for result, x, size in zip(results, batched_inputs, images.image_sizes):
+            height, width = x.get("height", size[0]), x.get("width", size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor,
+                  image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+        """Top-k detections per image in the resized (unpadded) image frame, absolute XYXY."""
+        results = []
+        for logit, box, (h, w) in zip(logits.float(), boxes.float(), image_sizes):
+            if self.class_loss == "ce":
+                scores, labels = logit.softmax(-1)[:, :-1].max(-1)
+                k = min(self.detections_per_image, scores.numel())
+                scores, query = scores.topk(k)
+                labels = labels[query]
+            else:
+                prob = logit.sigmoid().flatten()
+                k = min(self.detections_per_image, prob.numel())
+                scores, flat = prob.topk(k)
+                query, labels = flat // self.num_classes, flat % self.num_classes
+            xyxy = box_convert(box[query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=box.device)
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(xyxy)
+            result.scores = scores
+            result.pred_classes = labels
+            results.append(result)
+        return results
+
+
+def _check_pixel_statistics(cfg) -> None:
+    """Catch the common mistake of ImageNet RGB statistics with BGR input (or vice versa)."""
+    mean = [round(v, 3) for v in cfg.MODEL.PIXEL_MEAN]
+    rgb = [round(v, 3) for v in IMAGENET_PIXEL_MEAN_RGB]
+    expected = rgb if cfg.INPUT.FORMAT == "RGB" else rgb[::-1]
+    if mean != expected and mean == expected[::-1]:
+        raise ValueError(
+            f"MODEL.PIXEL_MEAN={cfg.MODEL.PIXEL_MEAN} is in the reverse channel order of "
+            f"INPUT.FORMAT='{cfg.INPUT.FORMAT}'. Use MODEL.PIXEL_MEAN={expected} (and reverse PIXEL_STD too)."
+        )
+
+
+def log_parameter_summary(model: nn.Module) -> None:
+    """Log total / trainable parameters, overall and per top-level component."""
+    rows = []
+    for name, child in model.named_children():
+        total = sum(p.numel() for p in child.parameters())
+        if total:
+            rows.append((name, total, sum(p.numel() for p in child.parameters() if p.requires_grad)))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [f"{n:<18s} {t:>14,d} {tr:>14,d}" for n, t, tr in rows]
+    logger.info(
+        "Parameters of %s: total %s, trainable %s (%.2f%%)\n%-18s %14s %14s\n%s", type(model).__name__,
+        f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), "module", "total", "trainable",
+        "\n".join(lines),
+    )

@@ -1,0 +1,1 @@
+from .simple_feature_pyramid import Dinov2SimpleFeaturePyramid, build_dinov2_sfp_backbone

@@ -1,0 +1,2 @@
+from .detr_transformer import DetrTransformer, TransformerDecoderLayer, TransformerEncoderLayer
+from .position_encoding import PositionEmbeddingSine

@@ -1,0 +1,133 @@
+"""DETR encoder / decoder layers (standard multi-head attention)."""
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> dropout -> Linear (the transformer FFN)."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention over image tokens; positions are added to queries and keys."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 normalize_before: bool = False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, src, pos=None, key_padding_mask=None):
+        x = self.norm1(src) if self.normalize_before else src
+        q = k = _with_pos(x, pos)
+        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask,
+                                                 need_weights=False)[0])
+        if not self.normalize_before:
+            src = self.norm1(src)
+        x = self.norm2(src) if self.normalize_before else src
+        src = src + self.dropout2(self.ffn(x))
+        return src if self.normalize_before else self.norm2(src)
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Query self-attention, cross-attention to image tokens, FFN."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 normalize_before: bool = False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norms = _clones(nn.LayerNorm(d_model), 3)
+        self.dropouts = _clones(nn.Dropout(dropout), 3)
+        self.normalize_before = normalize_before
+
+    def _block(self, i: int, x: torch.Tensor, fn) -> torch.Tensor:
+        """Residual sub-block i with pre- or post-norm."""
+        if self.normalize_before:
+            return x + self.dropouts[i](fn(self.norms[i](x)))
+        return self.norms[i](x + self.dropouts[i](fn(x)))
+
+    def forward(self, tgt, memory, query_pos=None, pos=None, memory_key_padding_mask=None):
+        def self_attn(x):
+            q = k = _with_pos(x, query_pos)
+            return self.self_attn(q, k, x, need_weights=False)[0]
+
+        def cross_attn(x):
+            return self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
+                                   key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+
+        tgt = self._block(0, tgt, self_attn)
+        tgt = self._block(1, tgt, cross_attn)
+        return self._block(2, tgt, self.ffn)
+
+
+class DetrTransformer(nn.Module):
+    """Optional encoder over image tokens, then a decoder over learned object queries.
+
+    Tensors are batch-first: ``src``/``pos`` ``[B, N, C]``, ``mask`` ``[B, N]`` (True = padding),
+    ``query_pos`` ``[Q, C]``. Returns decoder states of every layer ``[L, B, Q, C]`` (after the
+    shared final LayerNorm) and the encoder memory ``[B, N, C]``.
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 0,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 normalize_before: bool = False):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={d_model} must be divisible by MODEL.DETR.NHEADS={nhead}.")
+        if num_decoder_layers < 1:
+            raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 1.")
+        enc = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
+        dec = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
+        self.encoder_layers = _clones(enc, num_encoder_layers)
+        self.encoder_norm = nn.LayerNorm(d_model) if normalize_before and num_encoder_layers else None
+        self.decoder_layers = _clones(dec, num_decoder_layers)
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.d_model = d_model
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src, mask, pos, query_pos):
+        memory = src
+        for layer in self.encoder_layers:
+            memory = layer(memory, pos=pos, key_padding_mask=mask)
+        if self.encoder_norm is not None:
+            memory = self.encoder_norm(memory)
+        batch = src.shape[0]
+        query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        states = []
+        for layer in self.decoder_layers:
+            tgt = layer(tgt, memory, query_pos=query_pos, pos=pos, memory_key_padding_mask=mask)
+            states.append(self.decoder_norm(tgt))
+        return torch.stack(states), memory

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""dinodet2: DINOv2 + LoRA DETR-style object detection as a Detectron2 extension.
+
+Detectron2 itself is not on PyPI under its own name, so it is not listed in install_requires:
+install it from source (https://github.com/facebookresearch/detectron2) or let
+``tools/dev.sh`` install the PyPI build ``sal-detectron2==0.7.2`` (see README.md).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dinodet2",
+    version="0.1.0",
+    description="DINOv2 + LoRA DETR-style object detection for Detectron2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dinodet2", "dinodet2.*"]),
+    python_requires=">=3.9",
+    # Ranges cover what was tested (torch 2.14.1, torchvision 0.29.1, transformers 5.24, peft 0.21,
+    # numpy 2.4, scipy 1.17); transformers 4.x module names are supported by design.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "transformers>=4.40",
+        "peft>=0.10",
+        "scipy>=1.9",
+        "numpy",
+        "fvcore>=0.1.5.post20221221",
+        "iopath>=0.1.9",
+        "pycocotools>=2.0.6",
+        "opencv-python-headless>=4.6",
+        "Pillow>=9.0",
+        # Detectron2's own pure-Python dependencies (installed here because the PyPI wheel is
+        # installed without its metadata's dependencies; harmless for a source build).
+        "matplotlib",
+        "termcolor>=1.1",
+        "yacs>=0.1.8",
+        "tabulate",
+        "cloudpickle",
+        "tqdm>4.29.0",
+        "tensorboard",
+        "omegaconf>=2.1,<2.4",
+        "hydra-core>=1.1",
+        "black",
+        "packaging",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

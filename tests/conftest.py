@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny dinodet2 config and a tiny DINOv2 saved to a local directory.
+
+Nothing here (or in the tests) may touch the network: HF_HUB_OFFLINE is set before
+``transformers`` / ``huggingface_hub`` are imported.
+"""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO_ROOT / "configs"
+TINY_CONFIG = CONFIGS_DIR / "Demo" / "detr_shapes_tiny.yaml"
+
+# Size of the tiny saved DINOv2 (must agree with `tiny_cfg`'s MODEL.DINOV2 sizes).
+TINY_HIDDEN = 32
+TINY_LAYERS = 2
+TINY_HEADS = 2
+
+
+def make_tiny_cfg():
+    """A fresh, small dinodet2 config (the demo config with shrunken sizes)."""
+    from detectron2.config import get_cfg
+
+    import dinodet2  # noqa: F401  (registrations)
+    from dinodet2.config import add_dinodet2_config
+
+    cfg = get_cfg()
+    add_dinodet2_config(cfg)
+    cfg.merge_from_file(str(TINY_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DINOV2.HIDDEN_SIZE = TINY_HIDDEN
+    cfg.MODEL.DINOV2.NUM_LAYERS = TINY_LAYERS
+    cfg.MODEL.DINOV2.NUM_HEADS = TINY_HEADS
+    # GroupNorm(32, HIDDEN_DIM) in DETR's input projection needs a multiple of 32.
+    cfg.MODEL.DETR.HIDDEN_DIM = 32
+    cfg.MODEL.DETR.NHEADS = 2
+    cfg.MODEL.DETR.DEC_LAYERS = 2
+    cfg.MODEL.DETR.DIM_FEEDFORWARD = 64
+    cfg.MODEL.DETR.NUM_QUERIES = 10
+    cfg.MODEL.SFP.OUT_CHANNELS = 32
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+    """Function-scoped fresh tiny config (safe to mutate)."""
+    torch.manual_seed(0)
+    return make_tiny_cfg()
+
+
+@pytest.fixture(scope="session")
+def saved_dinov2_dir(tmp_path_factory):
+    """Directory holding a tiny random ``Dinov2Model`` written by ``save_pretrained``."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(1234)
+    config = Dinov2Config(hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+                          num_attention_heads=TINY_HEADS, image_size=56, patch_size=14)
+    model = Dinov2Model(config).eval()
+    # Make the position-embedding table and LayerScale non-trivial so that parity tests are
+    # sensitive to how positions are interpolated and how blocks are applied.
+    with torch.no_grad():
+        model.embeddings.cls_token.normal_()
+        for layer in model.encoder.layer:
+            layer.layer_scale1.lambda1.fill_(0.5)
+            layer.layer_scale2.lambda1.fill_(0.5)
+    path = tmp_path_factory.mktemp("tiny_dinov2")
+    model.save_pretrained(str(path))
+    return str(path)
