@@ -398,9 +398,6 @@ def test_registered_in_backbone_registry():
     assert isinstance(Dinov2Backbone, type)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: dinodet2/modeling/backbone/dinov2.py:67 indexes indices[-1] of an empty "
-    "OUT_INDICES and raises a bare IndexError instead of a ValueError naming MODEL.DINOV2.OUT_INDICES"))
 def test_empty_out_indices_raise_clear_error(tiny_cfg):
     tiny_cfg.MODEL.DINOV2.OUT_INDICES = []
     with pytest.raises(ValueError, match="OUT_INDICES"):

@@ -86,7 +86,7 @@ def test_coco_config_builds_intended_model(path):
     model = build_model(_small_backbone(cfg))
     assert model.num_classes == 80
     assert model.class_embed.out_features == 81  # CE: 80 classes + no-object
-    assert model.num_queries == 100 and model.query_embed.num_embeddings == 100
+    assert model.num_queries == 100 and model.query_embed.shape[0] == 100
     assert len(model.transformer.decoder_layers) == 6
     assert len(model.transformer.encoder_layers) == 0
     assert model.transformer.d_model == 256

@@ -3,6 +3,7 @@ import logging
 from typing import Dict
 
 from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _strip_prefix_if_present
 
 logger = logging.getLogger(__name__)
 
@@ -49,5 +50,6 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics", False):
+            _strip_prefix_if_present(checkpoint["model"], "module.")  # checkpoints of DDP-wrapped models
             checkpoint["model"] = remap_lora_keys(checkpoint["model"], self.model.state_dict().keys())
         return super()._load_model(checkpoint)

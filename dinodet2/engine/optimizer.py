@@ -1,44 +1,60 @@
-"""AdamW with parameter groups for DINOv2-LoRA + DETR (Detectron2's YACS builder only makes SGD)."""
+"""Optimizers with parameter groups for DINOv2-LoRA + DETR.
+
+Detectron2's YACS ``build_optimizer`` only builds SGD, and its ``get_default_optimizer_params``
+recognises only PyTorch's own norm layers (not ``detectron2.layers.LayerNorm`` used by the
+pyramid neck) and no embeddings; so the groups are built here and merged with Detectron2's
+``reduce_param_groups``.
+"""
 import itertools
 from typing import Any, Dict, List, Type
 
 import torch
 import torch.nn as nn
-from detectron2.solver import build_optimizer as build_d2_optimizer
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
 from ..modeling.backbone.lora import is_lora_parameter
 
-# Parameters whose local name is one of these are embeddings: no weight decay.
+NORM_MODULE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                     ChannelLayerNorm)
+# Parameters with one of these local names are embeddings (no weight decay by default).
 EMBEDDING_PARAM_NAMES = ("query_embed", "level_embed", "position_embeddings", "cls_token",
                          "register_tokens", "mask_token")
 
 
 def lr_factor_for(name: str, cfg) -> float:
     """LR multiplier of a parameter from its full name."""
-    if not name.startswith("backbone.") or ".stages." in name:  # neck stages train at the base LR
+    if not name.startswith("backbone.") or ".stages." in name:  # the neck trains at the base LR
         return 1.0
     return cfg.SOLVER.LORA_LR_MULTIPLIER if is_lora_parameter(name) else cfg.SOLVER.BACKBONE_LR_MULTIPLIER
 
 
+def weight_decay_for(module: nn.Module, param_name: str, cfg) -> float:
+    """Weight decay of a parameter: none (by default) on norms, biases and embeddings."""
+    s = cfg.SOLVER
+    if isinstance(module, NORM_MODULE_TYPES):
+        return s.WEIGHT_DECAY_NORM
+    if param_name in EMBEDDING_PARAM_NAMES or isinstance(module, nn.Embedding):
+        return s.WEIGHT_DECAY_EMBED
+    if param_name == "bias" and s.WEIGHT_DECAY_BIAS is not None:
+        return s.WEIGHT_DECAY_BIAS
+    return s.WEIGHT_DECAY
+
+
 def build_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
-    """Parameter groups: LR multipliers for LoRA / unfrozen backbone, no decay on norms, biases, embeddings."""
-    embed_wd = {"weight_decay": cfg.SOLVER.WEIGHT_DECAY_EMBED}
-    overrides = {}
-    for name, _ in model.named_parameters():
-        leaf = name.rpartition(".")[2]
-        if leaf in EMBEDDING_PARAM_NAMES:
-            overrides[leaf] = embed_wd
-    return get_default_optimizer_params(
-        model,
-        base_lr=cfg.SOLVER.BASE_LR,
-        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        lr_factor_func=lambda name: lr_factor_for(name, cfg),
-        overrides=overrides,
-    )
+    """One entry per trainable parameter (LR multipliers, weight decay), merged into few groups."""
+    params, seen = [], set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            lr = cfg.SOLVER.BASE_LR * lr_factor_for(full_name, cfg)
+            if param_name == "bias":
+                lr *= cfg.SOLVER.BIAS_LR_FACTOR
+            params.append({"params": [param], "lr": lr, "weight_decay": weight_decay_for(module, param_name, cfg)})
+    return reduce_param_groups(params)
 
 
 def _with_full_model_clipping(optim_cls: Type[torch.optim.Optimizer], max_norm: float, norm_type: float):
@@ -55,22 +71,22 @@ def _with_full_model_clipping(optim_cls: Type[torch.optim.Optimizer], max_norm: 
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """``SOLVER.OPTIMIZER``: "ADAMW" (parameter groups above) or "SGD" (Detectron2's builder).
+    """``SOLVER.OPTIMIZER``: "ADAMW" (default) or "SGD", both with the parameter groups above.
 
     ``SOLVER.CLIP_GRADIENTS``: CLIP_TYPE "full_model" clips the global norm over all parameters
     (DETR's recipe); "value" / "norm" use Detectron2's per-parameter clipping.
     """
-    name = cfg.SOLVER.OPTIMIZER.upper()
-    if name == "SGD":
-        return build_d2_optimizer(cfg, model)
-    if name != "ADAMW":
-        raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got '{cfg.SOLVER.OPTIMIZER}'.")
-    params = build_param_groups(cfg, model)
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    optim_cls = torch.optim.AdamW
+    s = cfg.SOLVER
+    name = s.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {"betas": tuple(s.BETAS)}
+    elif name == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got '{s.OPTIMIZER}'.")
+    clip = s.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
         optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     else:
         optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
-    return optim_cls(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
-                     weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return optim_cls(build_param_groups(cfg, model), lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY, **kwargs)

@@ -38,6 +38,12 @@ def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict
         return AutoModel.from_pretrained(name, drop_path_rate=drop_path_rate,
                                          local_files_only=local_files_only)
     except (OSError, ValueError) as e:
+        if _looks_like_path(name) and not os.path.isdir(name):
+            raise OSError(
+                f"MODEL.DINOV2.NAME='{name}' looks like a local directory, but it does not exist. Point it "
+                "at a folder written by `save_pretrained` (config.json + model.safetensors), or use a Hub "
+                "id such as facebook/dinov2-base, or set MODEL.DINOV2.RANDOM_INIT=True."
+            ) from e
         raise OSError(
             f"Could not load DINOv2 weights from MODEL.DINOV2.NAME='{name}' ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}).\n"
@@ -47,6 +53,10 @@ def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict
             "folder here and set MODEL.DINOV2.NAME=/path/to/dinov2 (a local directory). To train "
             "without pretrained weights set MODEL.DINOV2.RANDOM_INIT=True."
         ) from e
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 class Dinov2Backbone(Backbone):
@@ -62,6 +72,8 @@ class Dinov2Backbone(Backbone):
     def __init__(self, vit: nn.Module, out_indices: Sequence[int] = (-1,), apply_layernorm: bool = True):
         super().__init__()
         depth = len(vit.encoder.layer)
+        if not out_indices:
+            raise ValueError("MODEL.DINOV2.OUT_INDICES is empty; give at least one block index (e.g. [-1]).")
         indices = sorted({i % depth if -depth <= i < depth else _bad_index(i, depth) for i in out_indices})
         # Blocks after the last requested one never run: drop them (less memory, no DDP-unused params).
         vit.encoder.layer = vit.encoder.layer[: indices[-1] + 1]

@@ -88,7 +88,7 @@ class DETR(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
         self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
-        self.query_embed = nn.Embedding(num_queries, hidden)
+        self.query_embed = nn.Parameter(torch.empty(num_queries, hidden))
         num_logits = num_classes + 1 if class_loss == "ce" else num_classes
         self.class_embed = nn.Linear(hidden, num_logits)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
@@ -102,6 +102,7 @@ class DETR(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
+        nn.init.normal_(self.query_embed)
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)
         if self.class_loss == "focal":  # prior probability 0.01 for every class (RetinaNet init)
@@ -179,7 +180,7 @@ class DETR(nn.Module):
             masks.append(m.flatten(1))
             poss.append(pos.flatten(2).transpose(1, 2))
         states, _ = self.transformer(torch.cat(srcs, 1), torch.cat(masks, 1), torch.cat(poss, 1),
-                                     self.query_embed.weight)
+                                     self.query_embed)
         logits = self.class_embed(states)
         boxes = self.bbox_embed(states).sigmoid()
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
