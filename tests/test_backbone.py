@@ -300,6 +300,23 @@ def test_loads_from_local_directory_without_network(saved_dinov2_dir, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_dinov2_model(saved_dinov2_dir)
     assert model.config.hidden_size == 32 and len(model.encoder.layer) == 2
+    # pretrained weights are used as saved (the sine-cosine init is for random models only)
+    from transformers import Dinov2Model
+
+    saved = Dinov2Model.from_pretrained(saved_dinov2_dir).embeddings.position_embeddings
+    assert torch.equal(model.embeddings.position_embeddings, saved)
+
+
+def test_random_init_gets_sincos_position_embeddings():
+    model = load_dinov2_model("unused", random_init=True, size_kwargs=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14))
+    table = model.embeddings.position_embeddings[0]  # 1 + 4*4 tokens
+    assert torch.equal(table[0], torch.zeros(32))
+    # token (row 1, col 2) of the 4x4 grid: x=2 -> sin(2*omega_0)=sin(2) in channel 0, y=1 -> sin(1)
+    token = table[1 + 1 * 4 + 2]
+    assert token[0].item() == pytest.approx(torch.sin(torch.tensor(2.0)).item(), abs=1e-6)
+    assert token[16].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
+    assert table[1:].std() > 0.5  # comparable to the patch embeddings, unlike HF's std-0.02 init
 
 
 # ---------------------------------------------------------------------------------------------

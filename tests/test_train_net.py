@@ -352,3 +352,24 @@ def test_unknown_config_key_fails_naming_it(tmp_path, run_env):
     )
     assert "MODEL.DETR.NUM_QUERYS" in proc.stderr, _describe(proc)
     assert not (tmp_path / "badkey" / "model_final.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. DefaultPredictor + Visualizer on the trained checkpoint (tools/visualize_predictions.py)
+# ------------------------------------------------------------------------------------------------
+def test_visualize_predictions_draws_pngs_with_default_predictor(trained, tmp_path, run_env):
+    train_out, _ = trained
+    pictures = tmp_path / "pictures"
+    proc = _run_ok(
+        REPO_ROOT / "tools" / "visualize_predictions.py",
+        ["--output", pictures, "--num-images", "2", "--score-threshold", "0",
+         *TINY_OPTS, "MODEL.WEIGHTS", train_out / "model_final.pth"],
+        run_env,
+    )
+    pngs = sorted(pictures.glob("*.png"))
+    assert len(pngs) == 2, _describe(proc)
+    # every query above score 0 is drawn: NUM_QUERIES=10 detections per image in TINY_OPTS
+    assert proc.stdout.count("10 detections") == 2, _describe(proc)
+    import cv2
+
+    assert all(cv2.imread(str(p)) is not None for p in pngs)

@@ -18,6 +18,29 @@ __all__ = ["Dinov2Backbone", "build_dinov2_backbone", "load_dinov2_model"]
 _POS_CACHE_SIZE = 16
 
 
+def init_sincos_position_embeddings(vit: nn.Module) -> None:
+    """Give a randomly initialised DINOv2 fixed 2-D sine-cosine position embeddings (as MAE does).
+
+    HF initialises position embeddings with std 0.02, far below the patch embeddings' magnitude,
+    so a random model's tokens carry almost no position information; DETR's decoder reads object
+    positions from the tokens' content, and would first have to grow them. Pretrained checkpoints
+    are not touched.
+    """
+    table = vit.embeddings.position_embeddings  # [1, 1 + g*g, C]
+    dim = table.shape[-1]
+    grid = int(round((table.shape[1] - 1) ** 0.5))
+    if dim % 4:
+        return
+    coords = torch.arange(grid, dtype=torch.float32)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    out_y, out_x = yy.reshape(-1, 1) * omega, xx.reshape(-1, 1) * omega
+    pos = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    with torch.no_grad():
+        table[0, 1:] = pos.to(table.dtype)
+        table[0, :1] = 0
+
+
 def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict = None,
                       drop_path_rate: float = 0.0, local_files_only: bool = False) -> nn.Module:
     """Load a pretrained DINOv2 (Hub id or local directory) or build a random one.
@@ -32,7 +55,9 @@ def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict
         config_cls = Dinov2WithRegistersConfig if num_registers > 0 else Dinov2Config
         extra = {"num_register_tokens": num_registers} if num_registers > 0 else {}
         config = config_cls(drop_path_rate=drop_path_rate, **size_kwargs, **extra)
-        return AutoModel.from_config(config)
+        model = AutoModel.from_config(config)
+        init_sincos_position_embeddings(model)
+        return model
     local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
     try:
         return AutoModel.from_pretrained(name, drop_path_rate=drop_path_rate,
