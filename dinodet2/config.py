@@ -87,6 +87,12 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.IN_FEATURES = []
     _C.MODEL.DETR.HIDDEN_DIM = 256
     _C.MODEL.DETR.NUM_QUERIES = 100
+    # Two-stage: every image token proposes a box (supervised by "*_enc" losses); the top
+    # NUM_QUERIES proposals become the decoder's reference boxes (positional queries generated
+    # from the boxes, learned content queries). Needs CLASS_LOSS "focal".
+    _C.MODEL.DETR.TWO_STAGE = False
+    # With TWO_STAGE: each decoder layer refines the previous layer's box (detached between layers).
+    _C.MODEL.DETR.ITERATIVE_REFINEMENT = True
     _C.MODEL.DETR.NHEADS = 8
     _C.MODEL.DETR.ENC_LAYERS = 0
     _C.MODEL.DETR.DEC_LAYERS = 6

@@ -44,6 +44,12 @@ def make_tiny_cfg():
     cfg.MODEL.DETR.DEC_LAYERS = 2
     cfg.MODEL.DETR.DIM_FEEDFORWARD = 64
     cfg.MODEL.DETR.NUM_QUERIES = 10
+    # Unit tests default to the seed's head (softmax CE, learned queries); tests of the two-stage
+    # decoder the demo uses switch it on explicitly.
+    cfg.MODEL.DETR.TWO_STAGE = False
+    cfg.MODEL.DETR.CLASS_LOSS = "ce"
+    cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
+    cfg.MODEL.DETR.COST_CLASS = 1.0
     cfg.MODEL.SFP.OUT_CHANNELS = 32
     return cfg
 

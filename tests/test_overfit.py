@@ -1,4 +1,5 @@
-"""End-to-end learning: a small DINOv2-LoRA DETR must overfit four images to a high AP50.
+"""End-to-end learning: a small DINOv2-LoRA DETR (the seed's decoder) must overfit four images to
+a high AP50.
 
 This is the test that proves targets, matching, losses, post-processing and COCO evaluation agree:
 a sign/scale/ordering error anywhere keeps AP50 near zero.
@@ -24,7 +25,8 @@ def test_overfit_four_images_reaches_high_ap50(tmp_path):
         "INPUT.MIN_SIZE_TRAIN", (168,), "INPUT.RANDOM_FLIP", "none",
         "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 300, "SOLVER.STEPS", (250,),
         "SOLVER.WARMUP_ITERS", 20, "SOLVER.BASE_LR", 5e-4, "SOLVER.BACKBONE_LR_MULTIPLIER", 1.0,
-        "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.CLASS_WEIGHT", 2.0, "MODEL.DETR.COST_CLASS", 2.0, "SOLVER.CHECKPOINT_PERIOD", 100000,
+        "SOLVER.CHECKPOINT_PERIOD", 100000, "MODEL.DETR.TWO_STAGE", False,
+        "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.CLASS_WEIGHT", 2.0, "MODEL.DETR.COST_CLASS", 2.0,
         "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"), "SEED", 0,
     ])
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ case "$cmd" in
     OUT=${DINODET2_DEMO_OUTPUT:-$ROOT/output/demo}
     CFG=configs/Demo/detr_shapes_tiny.yaml
     "$PY" tools/train_net.py --config-file "$CFG" OUTPUT_DIR "$OUT" "$@"
-    "$PY" tools/visualize_predictions.py --config-file "$CFG" --output "$OUT/predictions" \
+    "$PY" tools/visualize_predictions.py --config-file "$CFG" --output "$OUT/predictions" --score-threshold 0.3 \
       MODEL.WEIGHTS "$OUT/model_final.pth" "$@"
     log "demo done: metrics in $OUT/log.txt, pictures in $OUT/predictions/" ;;
   *)

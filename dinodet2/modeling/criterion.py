@@ -86,7 +86,8 @@ class SetCriterion(nn.Module):
         Args:
             outputs: ``"pred_logits"`` ([B, Q, K+1] for ``"ce"``, [B, Q, K] for ``"focal"``),
                 ``"pred_boxes"`` ([B, Q, 4] normalised cxcywh) and optionally ``"aux_outputs"``,
-                a list of dicts with the same two keys, one per earlier decoder layer.
+                a list of dicts with the same two keys, one per earlier decoder layer, and
+                optionally ``"enc_outputs"`` (two-stage token proposals, losses suffixed ``_enc``).
             targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
                 cxcywh), on the same device as the predictions.
 
@@ -100,6 +101,8 @@ class SetCriterion(nn.Module):
         losses = self._layer_losses(outputs, targets, num_boxes, suffix="", log_metrics=True)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
+        if "enc_outputs" in outputs:  # two-stage proposals, one per image token
+            losses.update(self._layer_losses(outputs["enc_outputs"], targets, num_boxes, suffix="_enc"))
         return losses
 
     @staticmethod

@@ -15,7 +15,7 @@ from torchvision.ops import box_convert
 from ...config import IMAGENET_PIXEL_MEAN_RGB
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
-from ..transformer import DetrTransformer, PositionEmbeddingSine
+from ..transformer import DetrTransformer, PositionEmbeddingSine, TwoStageDetrTransformer, inverse_sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class DETR(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
         self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
-        self.query_embed = nn.Parameter(torch.empty(num_queries, hidden))
+        # Two-stage transformers select their queries from token proposals; plain DETR learns them.
+        self.two_stage = isinstance(transformer, TwoStageDetrTransformer)
+        self.query_embed = None if self.two_stage else nn.Parameter(torch.empty(num_queries, hidden))
         num_logits = num_classes + 1 if class_loss == "ce" else num_classes
         self.class_embed = nn.Linear(hidden, num_logits)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
@@ -102,7 +104,8 @@ class DETR(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
-        nn.init.normal_(self.query_embed)
+        if self.query_embed is not None:
+            nn.init.normal_(self.query_embed)
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)
         if self.class_loss == "focal":  # prior probability 0.01 for every class (RetinaNet init)
@@ -115,11 +118,19 @@ class DETR(nn.Module):
         c = cfg.MODEL.DETR
         _check_pixel_statistics(cfg)
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
-        transformer = DetrTransformer(
+        layers = dict(
             d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
             normalize_before=c.PRE_NORM,
         )
+        if c.TWO_STAGE:
+            if c.CLASS_LOSS != "focal":
+                raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
+                                 "MODEL.DETR.CLASS_LOSS='focal'.")
+            transformer = TwoStageDetrTransformer(num_queries=c.NUM_QUERIES, num_logits=c.NUM_CLASSES,
+                                                  refine_boxes=c.ITERATIVE_REFINEMENT, **layers)
+        else:
+            transformer = DetrTransformer(**layers)
         matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
                                    class_loss=c.CLASS_LOSS, focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA)
         criterion = SetCriterion(
@@ -169,7 +180,7 @@ class DETR(nn.Module):
     def forward_transformer(self, images: ImageList, mask: torch.Tensor) -> Dict:
         """Backbone -> flattened multi-level tokens -> transformer -> class / box predictions."""
         features = self.backbone(images.tensor)
-        srcs, masks, poss = [], [], []
+        srcs, level_masks, poss = [], [], []
         for lvl, (name, proj) in enumerate(zip(self.in_features, self.input_proj)):
             feat = features[name]
             m = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
@@ -177,13 +188,20 @@ class DETR(nn.Module):
             if self.level_embed is not None:
                 pos = pos + self.level_embed[lvl].view(1, -1, 1, 1).to(feat.dtype)
             srcs.append(proj(feat).flatten(2).transpose(1, 2))
-            masks.append(m.flatten(1))
+            level_masks.append(m)
             poss.append(pos.flatten(2).transpose(1, 2))
-        states, _ = self.transformer(torch.cat(srcs, 1), torch.cat(masks, 1), torch.cat(poss, 1),
-                                     self.query_embed)
+        src, pos = torch.cat(srcs, 1), torch.cat(poss, 1)
+        flat_mask = torch.cat([m.flatten(1) for m in level_masks], 1)
+        if self.two_stage:
+            states, references, enc_outputs = self.transformer(src, flat_mask, pos, level_masks, self.bbox_embed)
+            boxes = (self.bbox_embed(states) + inverse_sigmoid(references)).sigmoid()
+        else:
+            states, _ = self.transformer(src, flat_mask, pos, self.query_embed)
+            boxes = self.bbox_embed(states).sigmoid()
         logits = self.class_embed(states)
-        boxes = self.bbox_embed(states).sigmoid()
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.two_stage:
+            outputs["enc_outputs"] = enc_outputs
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return outputs

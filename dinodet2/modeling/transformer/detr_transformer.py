@@ -117,12 +117,17 @@ class DetrTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, pos, query_pos):
+    def encode(self, src, mask, pos):
+        """Run the (optional) encoder layers over the image tokens."""
         memory = src
         for layer in self.encoder_layers:
             memory = layer(memory, pos=pos, key_padding_mask=mask)
         if self.encoder_norm is not None:
             memory = self.encoder_norm(memory)
+        return memory
+
+    def forward(self, src, mask, pos, query_pos):
+        memory = self.encode(src, mask, pos)
         batch = src.shape[0]
         query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
