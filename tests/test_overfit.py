@@ -1,15 +1,17 @@
-"""End-to-end learning: a small DINOv2-LoRA DETR (the seed's decoder) must overfit four images to
-a high AP50.
+"""End-to-end learning: a small DINOv2-LoRA DETR (seed decoder and two-stage decoder) must overfit
+four images to a high AP50.
 
 This is the test that proves targets, matching, losses, post-processing and COCO evaluation agree:
 a sign/scale/ordering error anywhere keeps AP50 near zero.
 """
+import pytest
 import torch
 
 from conftest import TINY_CONFIG
 
 
-def test_overfit_four_images_reaches_high_ap50(tmp_path):
+@pytest.mark.parametrize("two_stage", [False, True], ids=["seed_decoder", "two_stage"])
+def test_overfit_four_images_reaches_high_ap50(tmp_path, two_stage):
     from detectron2.config import get_cfg
 
     from dinodet2 import add_dinodet2_config
@@ -25,7 +27,7 @@ def test_overfit_four_images_reaches_high_ap50(tmp_path):
         "INPUT.MIN_SIZE_TRAIN", (168,), "INPUT.RANDOM_FLIP", "none",
         "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 300, "SOLVER.STEPS", (250,),
         "SOLVER.WARMUP_ITERS", 20, "SOLVER.BASE_LR", 5e-4, "SOLVER.BACKBONE_LR_MULTIPLIER", 1.0,
-        "SOLVER.CHECKPOINT_PERIOD", 100000, "MODEL.DETR.TWO_STAGE", False,
+        "SOLVER.CHECKPOINT_PERIOD", 100000, "MODEL.DETR.TWO_STAGE", two_stage,
         "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.CLASS_WEIGHT", 2.0, "MODEL.DETR.COST_CLASS", 2.0,
         "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"), "SEED", 0,
     ])
