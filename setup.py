@@ -15,8 +15,11 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dinodet2", "dinodet2.*"]),
     python_requires=">=3.9",
-    # Ranges cover what was tested (torch 2.14.1, torchvision 0.29.1, transformers 5.24, peft 0.21,
-    # numpy 2.4, scipy 1.17); transformers 4.x module names are supported by design.
+    # Tested (CI): torch 2.14.1, torchvision 0.29.1, transformers 5.24.0, peft 0.21.2, scipy 1.17.1,
+    # numpy 2.4.6, fvcore 0.1.5.post20221221, pycocotools 2.0.11, opencv-python-headless 5.0.
+    # Lower bounds are the oldest releases providing the APIs used (e.g. peft's
+    # inject_adapter_in_model, transformers' Dinov2WithRegisters); they are not tested here.
+    # transformers 4.x module names are resolved by design (MODEL.LORA.TARGET_MODULES families).
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
