@@ -23,7 +23,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "transformers>=4.40",
+        "transformers>=4.48",  # Dinov2WithRegisters
         "peft>=0.10",
         "scipy>=1.9",
         "numpy",
