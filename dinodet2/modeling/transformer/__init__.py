@@ -1,3 +1,4 @@
 from .detr_transformer import DetrTransformer, TransformerDecoderLayer, TransformerEncoderLayer
 from .position_encoding import PositionEmbeddingSine
 from .two_stage import TwoStageDetrTransformer, box_sine_embedding, inverse_sigmoid, token_anchors
+from .deformable_attention import MultiScaleDeformableAttention, is_low_lr_param, ms_deform_attn_sampling
