@@ -125,6 +125,17 @@ def test_query_embed_has_no_weight_decay(optim_setup):
     assert groups["query_embed"]["weight_decay"] == 0.0
 
 
+def test_two_stage_content_queries_have_no_weight_decay(tiny_cfg):
+    cfg = _optim_cfg(tiny_cfg)
+    cfg.MODEL.DETR.TWO_STAGE = True
+    cfg.MODEL.DETR.CLASS_LOSS = "focal"
+    model = build_model(cfg)
+    groups = _group_of(model, build_optimizer(cfg, model))
+    assert cfg.SOLVER.WEIGHT_DECAY > 0
+    assert groups["transformer.content_queries"]["weight_decay"] == 0.0
+    assert groups["transformer.enc_class_embed.weight"]["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
+
+
 def test_regular_weights_have_weight_decay(optim_setup):
     _, _, _, groups = optim_setup
     for name in ("class_embed.weight", "bbox_embed.layers.0.weight",

@@ -18,8 +18,8 @@ from ..modeling.backbone.lora import is_lora_parameter
 NORM_MODULE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                      ChannelLayerNorm)
 # Parameters with one of these local names are embeddings (no weight decay by default).
-EMBEDDING_PARAM_NAMES = ("query_embed", "level_embed", "position_embeddings", "cls_token",
-                         "register_tokens", "mask_token")
+EMBEDDING_PARAM_NAMES = ("query_embed", "content_queries", "level_embed", "position_embeddings",
+                         "cls_token", "register_tokens", "mask_token")
 
 
 def lr_factor_for(name: str, cfg) -> float:
