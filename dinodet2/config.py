@@ -87,12 +87,46 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.IN_FEATURES = []
     _C.MODEL.DETR.HIDDEN_DIM = 256
     _C.MODEL.DETR.NUM_QUERIES = 100
-    # Two-stage: every image token proposes a box (supervised by "*_enc" losses); the top
-    # NUM_QUERIES proposals become the decoder's reference boxes (positional queries generated
-    # from the boxes, learned content queries). Needs CLASS_LOSS "focal".
+    # Anchor (DAB-DETR) queries: learned 4-D anchor boxes; every decoder layer generates its
+    # positional query from its current reference box (sine embedding + MLP); content queries
+    # are learned. Implied by TWO_STAGE (whose reference boxes come from proposals).
+    _C.MODEL.DETR.ANCHOR_QUERIES = False
+    # Two-stage: every encoder token (all pyramid levels) proposes a box (supervised by "*_enc"
+    # losses); the top NUM_QUERIES proposals become the decoder's reference boxes. Needs a
+    # sigmoid CLASS_LOSS ("focal" or "varifocal").
     _C.MODEL.DETR.TWO_STAGE = False
-    # With TWO_STAGE: each decoder layer refines the previous layer's box (detached between layers).
+    # With TWO_STAGE: learned content queries (DINO's mixed query selection) if True, else the
+    # selected tokens' (detached) features.
+    _C.MODEL.DETR.MIXED_QUERY_SELECTION = True
+    # When queries have references (ANCHOR_QUERIES, TWO_STAGE or DEFORMABLE.DECODER): each decoder
+    # layer's box becomes the next layer's reference (detached between layers).
     _C.MODEL.DETR.ITERATIVE_REFINEMENT = True
+    # DINO's look forward twice: a layer's box is predicted relative to the previous layer's
+    # undetached box, so each layer's loss also trains the layer before. Needs ITERATIVE_REFINEMENT.
+    _C.MODEL.DETR.LOOK_FORWARD_TWICE = False
+    # Multi-scale deformable attention (pure PyTorch, grid_sample; sampling in fp32 under AMP).
+    # The number of levels is the number of MODEL.DETR.IN_FEATURES (e.g. the SFP levels).
+    _C.MODEL.DETR.DEFORMABLE = CN()
+    # Encoder layers (ENC_LAYERS of them) use deformable self-attention over all levels.
+    _C.MODEL.DETR.DEFORMABLE.ENCODER = False
+    # Decoder cross-attention is deformable around each query's reference point/box.
+    _C.MODEL.DETR.DEFORMABLE.DECODER = False
+    # Sampling points per head and level.
+    _C.MODEL.DETR.DEFORMABLE.NUM_POINTS = 4
+    # Heads of the deformable attention (0 = MODEL.DETR.NHEADS).
+    _C.MODEL.DETR.DEFORMABLE.NHEADS = 0
+    # Denoising training (DN-DETR; contrastive denoising from DINO). Needs reference-box queries
+    # (ANCHOR_QUERIES or TWO_STAGE). Losses "*_dn" are reported separately.
+    _C.MODEL.DETR.DN = CN()
+    _C.MODEL.DETR.DN.ENABLED = False
+    # Budget of denoising queries per image; groups = NUM_QUERIES // (2 x max objects per image).
+    _C.MODEL.DETR.DN.NUM_QUERIES = 100
+    # Probability x 0.5 that a denoising query's label is replaced by a random class.
+    _C.MODEL.DETR.DN.LABEL_NOISE_RATIO = 0.5
+    # Box corners move by up to BOX_NOISE_SCALE x half the box size (negatives: 1x-2x that).
+    _C.MODEL.DETR.DN.BOX_NOISE_SCALE = 1.0
+    # Add negative (reject-as-no-object) queries: DINO's contrastive denoising.
+    _C.MODEL.DETR.DN.CONTRASTIVE = True
     _C.MODEL.DETR.NHEADS = 8
     _C.MODEL.DETR.ENC_LAYERS = 0
     _C.MODEL.DETR.DEC_LAYERS = 6
@@ -101,12 +135,16 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.PRE_NORM = False
     # Auxiliary losses on every decoder layer.
     _C.MODEL.DETR.DEEP_SUPERVISION = True
-    # Classification loss: "ce" (softmax over NUM_CLASSES + no-object) or "focal" (sigmoid).
+    # Classification loss: "ce" (softmax over NUM_CLASSES + no-object), "focal" (sigmoid focal)
+    # or "varifocal" (IoU-aware: sigmoid, the matched class's target is the predicted box's IoU).
+    # Sigmoid losses use the focal matching cost and top-k over queries x classes at inference.
     _C.MODEL.DETR.CLASS_LOSS = "ce"
     # Relative weight of the no-object class in the cross-entropy loss.
     _C.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
     _C.MODEL.DETR.FOCAL_ALPHA = 0.25
     _C.MODEL.DETR.FOCAL_GAMMA = 2.0
+    # Weight of the negatives in the varifocal loss (its gamma is FOCAL_GAMMA).
+    _C.MODEL.DETR.VARIFOCAL_ALPHA = 0.75
     # Loss weights.
     _C.MODEL.DETR.CLASS_WEIGHT = 1.0
     _C.MODEL.DETR.L1_WEIGHT = 5.0
@@ -126,6 +164,9 @@ def add_dinodet2_config(cfg):
     _C.SOLVER.LORA_LR_MULTIPLIER = 1.0
     # LR multiplier for explicitly unfrozen (non-LoRA) backbone parameters.
     _C.SOLVER.BACKBONE_LR_MULTIPLIER = 0.1
+    # LR multiplier for deformable attention's sampling offsets and Deformable DETR's reference
+    # point projection (x0.1 in the literature).
+    _C.SOLVER.DEFORMABLE_LR_MULTIPLIER = 0.1
     # Weight decay for embeddings (object queries, position/level embeddings, cls/register tokens).
     _C.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Pass find_unused_parameters=True to DistributedDataParallel.

@@ -13,6 +13,7 @@ from conftest import CONFIGS_DIR
 
 ALL_CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 COCO_CONFIGS = sorted((CONFIGS_DIR / "COCO-Detection").glob("*.yaml"))
+SEED_COCO_CONFIGS = [p for p in COCO_CONFIGS if "improved" not in p.name]
 
 
 def _ids(paths):
@@ -74,8 +75,8 @@ def _small_backbone(cfg):
     return cfg
 
 
-@pytest.mark.parametrize("path", COCO_CONFIGS, ids=_ids(COCO_CONFIGS))
-def test_coco_config_builds_intended_model(path):
+@pytest.mark.parametrize("path", SEED_COCO_CONFIGS, ids=_ids(SEED_COCO_CONFIGS))
+def test_seed_coco_config_builds_intended_model(path):
     cfg = _load(path)
     # What the config promises (before shrinking the backbone for the test).
     assert cfg.MODEL.DINOV2.NAME == "facebook/dinov2-base"
@@ -126,3 +127,59 @@ def test_demo_config_builds_and_runs_tiny_forward(tiny_cfg):
     with torch.no_grad():
         out = model([{"image": torch.rand(3, 56, 70) * 255}])
     assert len(out[0]["instances"]) <= tiny_cfg.TEST.DETECTIONS_PER_IMAGE
+
+
+def test_improved_coco_config_builds_the_dino_style_decoder():
+    (path,) = [p for p in COCO_CONFIGS if p.name == "detr_dinov2_base_lora4_sfp_improved.yaml"]
+    cfg = _load(path)
+    assert cfg.MODEL.DINOV2.NAME == "facebook/dinov2-base" and cfg.MODEL.LORA.ENABLED
+    model = build_model(_small_backbone(cfg))
+    t = model.transformer
+    assert model.in_features == ["p7", "p14", "p28", "p56"]
+    assert t.query_type == "two_stage" and t.mixed_query_selection and t.num_queries == 300
+    assert t.refine_boxes and t.look_forward_twice
+    assert len(t.encoder_layers) == 6 and len(t.decoder_layers) == 6
+    assert type(t.encoder_layers[0]).__name__ == "DeformableTransformerEncoderLayer"
+    assert type(t.decoder_layers[0]).__name__ == "DeformableTransformerDecoderLayer"
+    assert t.decoder_layers[0].cross_attn.num_levels == 4
+    assert model.denoising is not None and model.denoising.contrastive
+    assert model.class_loss == "varifocal" and model.class_embed.out_features == 80
+    assert model.query_embed is None
+
+
+def _one_training_iteration(cfg):
+    from detectron2.structures import Boxes, Instances
+
+    from dinodet2.engine import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    batch = []
+    for h, w, boxes, classes in ((70, 98, [[5, 5, 40, 50], [50, 10, 90, 60]], [0, 2]), (56, 63, [[10, 12, 30, 40]], [1])):
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        inst.gt_classes = torch.tensor(classes)
+        batch.append({"image": torch.rand(3, h, w) * 255, "instances": inst})
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = model(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert "class_embed.weight" in changed
+    return losses
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_ids(ALL_CONFIGS))
+def test_every_model_config_runs_one_training_iteration_on_cpu(path):
+    if path.name.startswith("Base-"):
+        pytest.skip("base config (COCO datasets, no model size choices of its own)")
+    cfg = _small_backbone(_load(path))
+    losses = _one_training_iteration(cfg)
+    if cfg.MODEL.DETR.DN.ENABLED:
+        assert "loss_class_dn" in losses
+    if cfg.MODEL.DETR.TWO_STAGE:
+        assert "loss_class_enc" in losses

@@ -213,3 +213,69 @@ def test_invalid_arguments():
         SetCriterion(2, HungarianMatcher(class_loss="ce"), class_loss="focal")
     with pytest.raises(ValueError, match="expects 3"):
         SetCriterion(2, HungarianMatcher())(_outputs("focal"), _targets())
+
+
+# ------------------------------------------------------------------------------------------------
+# IoU-aware (varifocal) classification and denoising losses
+# ------------------------------------------------------------------------------------------------
+VFL_ALPHA = 0.75
+# Matched pairs as above: q1 -> t1 (class 1) with IoU 0.5; q2 -> t0 (class 0) with IoU 0.0225/0.0575.
+IOU_Q1, IOU_Q2 = 0.5, 0.0225 / 0.0575
+
+
+def _bce(logit, target):
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def _vfl(logit, target):
+    p = 1 / (1 + math.exp(-logit))
+    weight = target if target > 0 else VFL_ALPHA * p**GAMMA
+    return weight * _bce(logit, target)
+
+
+def test_varifocal_loss_matches_hand_computation():
+    matcher = HungarianMatcher(class_loss="varifocal", focal_alpha=ALPHA, focal_gamma=GAMMA)
+    criterion = SetCriterion(2, matcher, class_loss="varifocal", focal_gamma=GAMMA, varifocal_alpha=VFL_ALPHA,
+                             **WEIGHTS)
+    losses = criterion(_outputs("focal"), _targets())
+    targets = [[0, 0], [0, IOU_Q1], [IOU_Q2, 0]]  # IoU of the matched box on the matched class
+    expected = 2.0 * sum(_vfl(l, t) for row_l, row_t in zip(FOCAL_LOGITS, targets)
+                         for l, t in zip(row_l, row_t)) / NUM_BOXES
+    assert losses["loss_class"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(EXPECTED_BBOX, rel=1e-5)
+    # The same matching as the focal loss (the cost reads the logits the same way).
+    assert losses["loss_giou"].item() == pytest.approx(EXPECTED_GIOU, rel=1e-5)
+
+
+def test_varifocal_is_minimised_at_the_iou():
+    """IoU-aware: for a positive, the best score is the IoU of its box, not 1."""
+    from dinodet2.modeling.criterion import varifocal_loss
+
+    logits = torch.linspace(-4, 4, 801)
+    target = torch.full_like(logits, 0.6)
+    per_logit = torch.stack([varifocal_loss(x.view(1), t.view(1)) for x, t in zip(logits, target)])
+    best = logits[per_logit.argmin()].sigmoid().item()
+    assert best == pytest.approx(0.6, abs=0.01)
+
+
+def test_denoising_losses_use_the_fixed_assignment():
+    criterion = _criterion("focal")
+    targets = _targets()
+    # Two groups of (positive, negative) x 2 objects = 8 queries. Positives predict their box exactly.
+    boxes = torch.full((1, 8, 4), 0.5)
+    boxes[0, [0, 4]] = torch.tensor(TARGET_BOXES[0])
+    boxes[0, [1, 5]] = torch.tensor(TARGET_BOXES[1])
+    logits = torch.full((1, 8, 2), -5.0)
+    dn_outputs = {"pred_logits": logits, "pred_boxes": boxes, "num_groups": 2,
+                  "aux_outputs": [{"pred_logits": logits, "pred_boxes": boxes.flip(1)}]}
+    indices = [(torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1, 0, 1]))]
+    losses = criterion.denoising_losses(dn_outputs, targets, indices, num_boxes=2)
+    assert set(losses) == {f"loss_{k}_dn" for k in ("class", "bbox", "giou")} | {
+        f"loss_{k}_dn_0" for k in ("class", "bbox", "giou")}
+    assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-5)
+    assert losses["loss_bbox_dn_0"].item() > 0.1  # the aux layer's boxes are in the wrong slots
+    # Class loss: 4 positives with logit -5 on their class, every other logit a negative; / (2 boxes x 2 groups).
+    expected = 2.0 * (4 * _focal(-5.0, True) + 12 * _focal(-5.0, False)) / 4
+    assert losses["loss_class_dn"].item() == pytest.approx(expected, rel=1e-5)

@@ -315,3 +315,36 @@ def test_ddp_prefixed_plain_checkpoint_loads_into_lora_model(tiny_cfg, tmp_path)
     key = "backbone.vit.encoder.layer.0.attention.q_proj"
     assert torch.equal(lora.state_dict()[key + ".base_layer.weight"], plain.state_dict()[key + ".weight"])
     _assert_same_outputs(_eval_outputs(lora), _eval_outputs(plain))
+
+
+def test_deformable_sampling_offsets_and_reference_points_get_the_low_lr(tiny_cfg):
+    from dinodet2.engine.optimizer import build_optimizer
+
+    cfg = _optim_cfg(tiny_cfg)
+    cfg.MODEL.DETR.DEFORMABLE.DECODER = True
+    cfg.MODEL.DETR.DEFORMABLE.ENCODER = True
+    cfg.MODEL.DETR.ENC_LAYERS = 1
+    cfg.SOLVER.DEFORMABLE_LR_MULTIPLIER = 0.1
+    model = build_model(cfg)
+    groups = _group_of(model, build_optimizer(cfg, model))
+    base = cfg.SOLVER.BASE_LR
+    low = [n for n in groups if "sampling_offsets.weight" in n or n == "transformer.reference_points.weight"]
+    assert "transformer.reference_points.weight" in low and len(low) == 1 + 1 + cfg.MODEL.DETR.DEC_LAYERS
+    for name in low:
+        assert groups[name]["lr"] == pytest.approx(base * 0.1), name
+    assert groups["transformer.decoder_layers.0.cross_attn.value_proj.weight"]["lr"] == pytest.approx(base)
+    assert groups["transformer.decoder_layers.0.cross_attn.attention_weights.weight"]["lr"] == pytest.approx(base)
+
+
+def test_anchor_boxes_and_denoising_label_embeddings_have_no_weight_decay(tiny_cfg):
+    from dinodet2.engine.optimizer import build_optimizer
+
+    cfg = _optim_cfg(tiny_cfg)
+    cfg.MODEL.DETR.ANCHOR_QUERIES = True
+    cfg.MODEL.DETR.DN.ENABLED = True
+    model = build_model(cfg)
+    groups = _group_of(model, build_optimizer(cfg, model))
+    assert cfg.SOLVER.WEIGHT_DECAY > 0
+    assert groups["transformer.anchor_boxes"]["weight_decay"] == 0.0
+    assert groups["transformer.content_queries"]["weight_decay"] == 0.0
+    assert groups["denoising.label_embed.weight"]["weight_decay"] == 0.0

@@ -14,17 +14,21 @@ from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
 from ..modeling.backbone.lora import is_lora_parameter
+from ..modeling.transformer.deformable_attention import is_low_lr_param
 
 NORM_MODULE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                      ChannelLayerNorm)
 # Parameters with one of these local names are embeddings (no weight decay by default).
-EMBEDDING_PARAM_NAMES = ("query_embed", "content_queries", "level_embed", "position_embeddings",
+EMBEDDING_PARAM_NAMES = ("query_embed", "content_queries", "anchor_boxes", "level_embed", "position_embeddings",
                          "cls_token", "register_tokens", "mask_token")
 
 
 def lr_factor_for(name: str, cfg) -> float:
     """LR multiplier of a parameter from its full name."""
-    if not name.startswith("backbone.") or ".stages." in name:  # the neck trains at the base LR
+    if not name.startswith("backbone."):
+        # Deformable attention's sampling offsets and reference-point projections: x0.1 by default.
+        return cfg.SOLVER.DEFORMABLE_LR_MULTIPLIER if is_low_lr_param(name) else 1.0
+    if ".stages." in name:  # the neck trains at the base LR
         return 1.0
     return cfg.SOLVER.LORA_LR_MULTIPLIER if is_lora_parameter(name) else cfg.SOLVER.BACKBONE_LR_MULTIPLIER
 

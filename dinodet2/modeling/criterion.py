@@ -5,7 +5,7 @@ losses of the matched pairs (and the no-object classification of the unmatched q
 weighted and returned in a flat dict that Detectron2's trainer sums.
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,13 @@ class SetCriterion(nn.Module):
         matcher: callable ``(pred_logits, pred_boxes, targets) -> [(pred_idx, tgt_idx)] * B``,
             normally a :class:`~dinodet2.modeling.matcher.HungarianMatcher`.
         class_loss: ``"ce"`` (softmax cross-entropy over K+1 logits, the last one no-object)
-            or ``"focal"`` (sigmoid focal loss over K logits).
+            ``"focal"`` (sigmoid focal loss over K logits) or ``"varifocal"`` (IoU-aware
+            classification: sigmoid over K logits, the matched class's target is the IoU of the
+            predicted box with its target box).
         no_object_weight: CE weight of the no-object class (``"ce"`` only).
         focal_alpha: alpha of the focal loss (``"focal"`` only).
-        focal_gamma: gamma of the focal loss (``"focal"`` only).
+        focal_gamma: gamma of the focal loss (``"focal"``) and of the varifocal loss.
+        varifocal_alpha: weight of the negatives in the varifocal loss (``"varifocal"`` only).
         class_weight: weight of the classification loss.
         l1_weight: weight of the L1 box loss.
         giou_weight: weight of the GIoU loss.
@@ -42,6 +45,7 @@ class SetCriterion(nn.Module):
         no_object_weight: float = 0.1,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        varifocal_alpha: float = 0.75,
         class_weight: float = 1.0,
         l1_weight: float = 5.0,
         giou_weight: float = 2.0,
@@ -64,6 +68,7 @@ class SetCriterion(nn.Module):
         self.class_loss = class_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.varifocal_alpha = varifocal_alpha
         self.class_weight = class_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
@@ -87,7 +92,9 @@ class SetCriterion(nn.Module):
             outputs: ``"pred_logits"`` ([B, Q, K+1] for ``"ce"``, [B, Q, K] for ``"focal"``),
                 ``"pred_boxes"`` ([B, Q, 4] normalised cxcywh) and optionally ``"aux_outputs"``,
                 a list of dicts with the same two keys, one per earlier decoder layer, and
-                optionally ``"enc_outputs"`` (two-stage token proposals, losses suffixed ``_enc``).
+                optionally ``"enc_outputs"`` (two-stage token proposals, losses suffixed ``_enc``)
+                and ``"dn_outputs"`` (denoising queries: the two keys, ``"aux_outputs"``,
+                ``"indices"`` (their fixed assignment) and ``"num_groups"``; losses ``_dn``).
             targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
                 cxcywh), on the same device as the predictions.
 
@@ -103,6 +110,9 @@ class SetCriterion(nn.Module):
             losses.update(self._layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
         if "enc_outputs" in outputs:  # two-stage proposals, one per image token
             losses.update(self._layer_losses(outputs["enc_outputs"], targets, num_boxes, suffix="_enc"))
+        if "dn_outputs" in outputs:  # denoising queries with their fixed assignment
+            dn = outputs["dn_outputs"]
+            losses.update(self.denoising_losses(dn, targets, dn["indices"], num_boxes))
         return losses
 
     @staticmethod
@@ -125,22 +135,48 @@ class SetCriterion(nn.Module):
         log_metrics: bool = False,
     ) -> Dict[str, Tensor]:
         """Match one decoder layer's predictions and compute its weighted losses."""
-        logits = outputs["pred_logits"].float()
-        boxes = outputs["pred_boxes"].float()
+        self._check_logits(outputs["pred_logits"])
+        indices = self.matcher(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
+        return self.losses_for_indices(outputs, targets, indices, num_boxes, suffix, log_metrics)
+
+    def _check_logits(self, logits: Tensor) -> None:
         expected = self.num_classes + 1 if self.class_loss == "ce" else self.num_classes
         if logits.shape[-1] != expected:
             raise ValueError(
                 f"pred_logits has {logits.shape[-1]} logits per query; class_loss="
                 f"{self.class_loss!r} with num_classes={self.num_classes} expects {expected}"
             )
-        indices = self.matcher(logits, boxes, targets)
+
+    def losses_for_indices(
+        self,
+        outputs: Dict[str, Tensor],
+        targets: List[Dict[str, Tensor]],
+        indices: List[Tuple[Tensor, Tensor]],
+        num_boxes: float,
+        suffix: str,
+        log_metrics: bool = False,
+    ) -> Dict[str, Tensor]:
+        """Weighted losses of one layer for a given query -> target assignment.
+
+        Queries not in ``indices`` are trained as "no object". Used with the Hungarian
+        assignment and with the fixed assignment of denoising queries.
+        """
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        self._check_logits(logits)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         batch_idx, src_idx = batch_idx.to(logits.device), src_idx.to(logits.device)
-        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
-        matched_tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        matched_labels = torch.cat(
+            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
+        ).to(logits.device)
+        matched_tgt_boxes = torch.cat(
+            [t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)]
+        ).to(logits.device).float()
         matched_logits = logits[batch_idx, src_idx]
         matched_boxes = boxes[batch_idx, src_idx]
+        matched_xyxy = box_convert(matched_boxes, "cxcywh", "xyxy")
+        matched_tgt_xyxy = box_convert(matched_tgt_boxes, "cxcywh", "xyxy")
 
         if self.class_loss == "ce":
             target_classes = torch.full(
@@ -150,7 +186,7 @@ class SetCriterion(nn.Module):
             loss_class = F.cross_entropy(
                 logits.transpose(1, 2), target_classes, weight=self.empty_weight
             )
-        else:
+        elif self.class_loss == "focal":
             target_onehot = torch.zeros_like(logits)
             target_onehot[batch_idx, src_idx, matched_labels] = 1.0
             loss_class = (
@@ -159,16 +195,15 @@ class SetCriterion(nn.Module):
                 )
                 / num_boxes
             )
+        else:  # varifocal: the matched class's target is the IoU of the predicted box
+            iou = _paired_iou(matched_xyxy.detach(), matched_tgt_xyxy).clamp(min=0)
+            target_score = torch.zeros_like(logits)
+            target_score[batch_idx, src_idx, matched_labels] = iou.to(logits.dtype)
+            loss_class = varifocal_loss(logits, target_score, self.varifocal_alpha, self.focal_gamma) / num_boxes
 
-        matched_tgt_boxes = matched_tgt_boxes.float()
         loss_bbox = F.l1_loss(matched_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
         loss_giou = (
-            generalized_box_iou_loss(
-                box_convert(matched_boxes, "cxcywh", "xyxy"),
-                box_convert(matched_tgt_boxes, "cxcywh", "xyxy"),
-                reduction="sum",
-            )
-            / num_boxes
+            generalized_box_iou_loss(matched_xyxy, matched_tgt_xyxy, reduction="sum") / num_boxes
         )
 
         if log_metrics:
@@ -178,6 +213,23 @@ class SetCriterion(nn.Module):
             f"loss_bbox{suffix}": self.l1_weight * loss_bbox,
             f"loss_giou{suffix}": self.giou_weight * loss_giou,
         }
+
+    def denoising_losses(
+        self,
+        dn_outputs: Dict[str, Any],
+        targets: List[Dict[str, Tensor]],
+        indices: List[Tuple[Tensor, Tensor]],
+        num_boxes: float,
+    ) -> Dict[str, Tensor]:
+        """Losses of the denoising queries (fixed assignment), suffixed ``_dn`` / ``_dn_{i}``.
+
+        Normalised by ``num_boxes * num_groups`` (every object appears once per group).
+        """
+        norm = num_boxes * dn_outputs["num_groups"]
+        losses = self.losses_for_indices(dn_outputs, targets, indices, norm, suffix="_dn")
+        for i, aux in enumerate(dn_outputs.get("aux_outputs", [])):
+            losses.update(self.losses_for_indices(aux, targets, indices, norm, suffix=f"_dn_{i}"))
+        return losses
 
     @torch.no_grad()
     def _log_class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> None:
@@ -194,3 +246,27 @@ class SetCriterion(nn.Module):
         self.last_metrics = {"class_error": 100.0 - accuracy.item()}
         if has_event_storage():
             get_event_storage().put_scalar("class_error", self.last_metrics["class_error"])
+
+
+def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of ``boxes1[i]`` with ``boxes2[i]`` (XYXY), ``[N]``."""
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area1 + area2 - inter).clamp(min=1e-12)
+
+
+def varifocal_loss(logits: Tensor, target_score: Tensor, alpha: float = 0.75, gamma: float = 2.0) -> Tensor:
+    """Varifocal loss (Zhang et al., VarifocalNet 2021), summed.
+
+    Binary cross-entropy towards an IoU-valued target ``q``: positives (``q > 0``) are weighted
+    by ``q`` (high-quality matches count more), negatives by ``alpha * p**gamma`` (focal
+    down-weighting of easy negatives, applied to negatives only).
+    """
+    prob = logits.sigmoid().detach()
+    positive = (target_score > 0).to(logits.dtype)
+    weight = alpha * prob.pow(gamma) * (1 - positive) + target_score * positive
+    bce = F.binary_cross_entropy_with_logits(logits, target_score, reduction="none")
+    return (bce * weight).sum()

@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-CLASS_LOSSES = ("ce", "focal")
+CLASS_LOSSES = ("ce", "focal", "varifocal")
 
 
 class HungarianMatcher(nn.Module):
@@ -29,7 +29,8 @@ class HungarianMatcher(nn.Module):
         cost_giou: weight of the negative generalized IoU.
         class_loss: ``"ce"`` (softmax over K classes + a trailing no-object logit; the class cost
             is minus the target class probability) or ``"focal"`` (K sigmoid logits; the class
-            cost is the Deformable-DETR focal cost).
+            cost is the Deformable-DETR focal cost) or ``"varifocal"`` (same sigmoid logits and
+            focal cost: the IoU-aware loss changes the target, not how a logit is read).
         focal_alpha: alpha of the focal cost (only used with ``"focal"``).
         focal_gamma: gamma of the focal cost (only used with ``"focal"``).
     """

@@ -1,7 +1,7 @@
 """DETR meta-architecture for Detectron2: backbone (+neck) -> transformer -> set prediction."""
 import logging
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,8 +14,9 @@ from torchvision.ops import box_convert
 
 from ...config import IMAGENET_PIXEL_MEAN_RGB
 from ..criterion import SetCriterion
-from ..matcher import HungarianMatcher
-from ..transformer import DetrTransformer, PositionEmbeddingSine, TwoStageDetrTransformer, inverse_sigmoid
+from ..denoising import DenoisingGenerator, DenoisingQueries
+from ..matcher import CLASS_LOSSES, HungarianMatcher
+from ..transformer import DetrTransformer, PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class DETR(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         detections_per_image: int = 100,
+        denoising: Optional[DenoisingGenerator] = None,
     ):
         super().__init__()
         shapes = backbone.output_shape()
@@ -69,8 +71,11 @@ class DETR(nn.Module):
         if missing:
             raise ValueError(f"MODEL.DETR.IN_FEATURES {missing} are not produced by the backbone "
                              f"(it outputs {list(shapes)}).")
-        if class_loss not in ("ce", "focal"):
-            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be 'ce' or 'focal', got '{class_loss}'.")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got '{class_loss}'.")
+        if denoising is not None and not transformer.uses_reference_boxes:
+            raise ValueError("MODEL.DETR.DN.ENABLED needs reference-box queries: set MODEL.DETR.ANCHOR_QUERIES "
+                             "or MODEL.DETR.TWO_STAGE to True.")
         hidden = transformer.d_model
         self.backbone = backbone
         self.in_features = in_features
@@ -88,9 +93,10 @@ class DETR(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
         self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
-        # Two-stage transformers select their queries from token proposals; plain DETR learns them.
-        self.two_stage = isinstance(transformer, TwoStageDetrTransformer)
-        self.query_embed = None if self.two_stage else nn.Parameter(torch.empty(num_queries, hidden))
+        # Seed DETR learns its positional queries here; anchor / two-stage queries live in the transformer.
+        learned = transformer.query_type == "learned"
+        self.query_embed = nn.Parameter(torch.empty(num_queries, hidden)) if learned else None
+        self.denoising = denoising
         num_logits = num_classes + 1 if class_loss == "ce" else num_classes
         self.class_embed = nn.Linear(hidden, num_logits)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
@@ -108,7 +114,7 @@ class DETR(nn.Module):
             nn.init.normal_(self.query_embed)
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)
-        if self.class_loss == "focal":  # prior probability 0.01 for every class (RetinaNet init)
+        if self.class_loss != "ce":  # sigmoid heads: prior probability 0.01 for every class (RetinaNet init)
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
@@ -118,25 +124,34 @@ class DETR(nn.Module):
         c = cfg.MODEL.DETR
         _check_pixel_statistics(cfg)
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
-        layers = dict(
+        num_levels = len(c.IN_FEATURES) or len(backbone.output_shape())
+        sigmoid = c.CLASS_LOSS != "ce"
+        if c.TWO_STAGE and not sigmoid:
+            raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
+                             "MODEL.DETR.CLASS_LOSS='focal' or 'varifocal'.")
+        query_type = "two_stage" if c.TWO_STAGE else ("anchor" if c.ANCHOR_QUERIES else "learned")
+        transformer = DetrTransformer(
             d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
-            normalize_before=c.PRE_NORM,
+            normalize_before=c.PRE_NORM, num_queries=c.NUM_QUERIES, query_type=query_type,
+            num_levels=num_levels, deformable_encoder=c.DEFORMABLE.ENCODER,
+            deformable_decoder=c.DEFORMABLE.DECODER, num_points=c.DEFORMABLE.NUM_POINTS,
+            deformable_heads=c.DEFORMABLE.NHEADS or None, refine_boxes=c.ITERATIVE_REFINEMENT,
+            look_forward_twice=c.LOOK_FORWARD_TWICE, mixed_query_selection=c.MIXED_QUERY_SELECTION,
+            num_logits=c.NUM_CLASSES,
         )
-        if c.TWO_STAGE:
-            if c.CLASS_LOSS != "focal":
-                raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
-                                 "MODEL.DETR.CLASS_LOSS='focal'.")
-            transformer = TwoStageDetrTransformer(num_queries=c.NUM_QUERIES, num_logits=c.NUM_CLASSES,
-                                                  refine_boxes=c.ITERATIVE_REFINEMENT, **layers)
-        else:
-            transformer = DetrTransformer(**layers)
+        denoising = None
+        if c.DN.ENABLED:
+            denoising = DenoisingGenerator(
+                c.NUM_CLASSES, c.HIDDEN_DIM, num_queries=c.DN.NUM_QUERIES, label_noise_ratio=c.DN.LABEL_NOISE_RATIO,
+                box_noise_scale=c.DN.BOX_NOISE_SCALE, contrastive=c.DN.CONTRASTIVE,
+            )
         matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
                                    class_loss=c.CLASS_LOSS, focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA)
         criterion = SetCriterion(
             c.NUM_CLASSES, matcher, class_loss=c.CLASS_LOSS, no_object_weight=c.NO_OBJECT_WEIGHT,
-            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA, class_weight=c.CLASS_WEIGHT,
-            l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT,
+            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA, varifocal_alpha=c.VARIFOCAL_ALPHA,
+            class_weight=c.CLASS_WEIGHT, l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT,
         )
         return {
             "backbone": backbone,
@@ -150,6 +165,7 @@ class DETR(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "denoising": denoising,
         }
 
     @property
@@ -177,8 +193,12 @@ class DETR(nn.Module):
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
 
-    def forward_transformer(self, images: ImageList, mask: torch.Tensor) -> Dict:
-        """Backbone -> flattened multi-level tokens -> transformer -> class / box predictions."""
+    def forward_transformer(self, images: ImageList, mask: torch.Tensor,
+                            denoising: Optional[DenoisingQueries] = None) -> Dict:
+        """Backbone -> flattened multi-level tokens -> transformer -> class / box predictions.
+
+        With ``denoising`` queries, their predictions are returned apart in ``"dn_outputs"``.
+        """
         features = self.backbone(images.tensor)
         srcs, level_masks, poss = [], [], []
         for lvl, (name, proj) in enumerate(zip(self.in_features, self.input_proj)):
@@ -192,46 +212,67 @@ class DETR(nn.Module):
             poss.append(pos.flatten(2).transpose(1, 2))
         src, pos = torch.cat(srcs, 1), torch.cat(poss, 1)
         flat_mask = torch.cat([m.flatten(1) for m in level_masks], 1)
-        if self.two_stage:
-            states, references, enc_outputs = self.transformer(src, flat_mask, pos, level_masks, self.bbox_embed)
-            boxes = (self.bbox_embed(states) + inverse_sigmoid(references)).sigmoid()
-        else:
-            states, _ = self.transformer(src, flat_mask, pos, self.query_embed)
+        spatial_shapes = torch.tensor([m.shape[-2:] for m in level_masks], dtype=torch.int64, device=src.device)
+        states, boxes, enc_outputs = self.transformer(
+            src, flat_mask, pos, level_masks, spatial_shapes, self.bbox_embed,
+            query_embed=self.query_embed, denoising=denoising,
+        )
+        if boxes is None:  # seed DETR: boxes predicted directly
             boxes = self.bbox_embed(states).sigmoid()
         logits = self.class_embed(states)
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.two_stage:
+        num_dn = denoising.num_queries if denoising is not None else 0
+        outputs = self._layer_outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:])
+        if enc_outputs is not None:
             outputs["enc_outputs"] = enc_outputs
+        if denoising is not None:
+            outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn])
+            outputs["dn_outputs"].update(indices=denoising.match_indices(), num_groups=denoising.num_groups)
+        return outputs
+
+    def _layer_outputs(self, logits: torch.Tensor, boxes: torch.Tensor) -> Dict:
+        """``[L, B, Q, *]`` per-layer predictions -> final layer + ``aux_outputs``."""
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return outputs
 
     def forward(self, batched_inputs: List[Dict]):
         images, mask = self.preprocess_image(batched_inputs)
-        outputs = self.forward_transformer(images, mask)
-        if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("DETR training needs 'instances' in every input dict (use a dataset mapper "
-                                 "with annotations).")
-            return self.criterion(outputs, self.prepare_targets(batched_inputs, images))
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        processed = []
-        for result, x, size in zip(results, batched_inputs, images.image_sizes):
-            height, width = x.get("height", size[0]), x.get("width", size[1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
+        if not self.training:
+            outputs = self.forward_transformer(images, mask)
+            results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+            processed = []
+            for result, x, size in zip(results, batched_inputs, images.image_sizes):
+                height, width = x.get("height", size[0]), x.get("width", size[1])
+                processed.append({"instances": detector_postprocess(result, height, width)})
+            return processed
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("DETR training needs 'instances' in every input dict (use a dataset mapper "
+                             "with annotations).")
+        targets = self.prepare_targets(batched_inputs, images)
+        denoising = self.denoising(targets) if self.denoising is not None else None
+        if denoising is None:
+            outputs = self.forward_transformer(images, mask)
+        else:
+            outputs = self.forward_transformer(images, mask, denoising)
+        losses = self.criterion(outputs, targets)
+        if self.denoising is not None and denoising is None:
+            # A batch without objects leaves the label embedding unused; a zero-valued term keeps
+            # it in the graph so DistributedDataParallel still sees a gradient for it.
+            losses["loss_class"] = losses["loss_class"] + 0.0 * self.denoising.label_embed.weight.sum()
+        return losses
 
     def inference(self, logits: torch.Tensor, boxes: torch.Tensor,
                   image_sizes: List[Tuple[int, int]]) -> List[Instances]:
         """Top-k detections per image in the resized (unpadded) image frame, absolute XYXY."""
         results = []
         for logit, box, (h, w) in zip(logits.float(), boxes.float(), image_sizes):
-            if self.class_loss == "ce":
+            if self.class_loss == "ce":  # softmax: best class per query
                 scores, labels = logit.softmax(-1)[:, :-1].max(-1)
                 k = min(self.detections_per_image, scores.numel())
                 scores, query = scores.topk(k)
                 labels = labels[query]
-            else:
+            else:  # sigmoid heads: top-k over queries x classes
                 prob = logit.sigmoid().flatten()
                 k = min(self.detections_per_image, prob.numel())
                 scores, flat = prob.topk(k)

@@ -1,4 +1,7 @@
-from .detr_transformer import DetrTransformer, TransformerDecoderLayer, TransformerEncoderLayer
-from .position_encoding import PositionEmbeddingSine
-from .two_stage import TwoStageDetrTransformer, box_sine_embedding, inverse_sigmoid, token_anchors
+from .box_encoding import box_sine_embedding, inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention, is_low_lr_param, ms_deform_attn_sampling
+from .deformable_layers import DeformableTransformerDecoderLayer, DeformableTransformerEncoderLayer
+from .detr_transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from .position_encoding import PositionEmbeddingSine
+from .query_selection import to_level_coordinates, token_anchors, valid_ratios
+from .transformer import QUERY_TYPES, DetrTransformer

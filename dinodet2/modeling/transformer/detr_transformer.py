@@ -1,4 +1,4 @@
-"""DETR encoder / decoder layers (standard multi-head attention)."""
+"""Standard DETR encoder / decoder layers (multi-head attention over all tokens)."""
 import copy
 from typing import Optional
 
@@ -42,7 +42,7 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def forward(self, src, pos=None, key_padding_mask=None):
+    def forward(self, src, pos=None, key_padding_mask=None, *, reference_points=None, spatial_shapes=None):
         x = self.norm1(src) if self.normalize_before else src
         q = k = _with_pos(x, pos)
         src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask,
@@ -73,66 +73,24 @@ class TransformerDecoderLayer(nn.Module):
             return x + self.dropouts[i](fn(self.norms[i](x)))
         return self.norms[i](x + self.dropouts[i](fn(x)))
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, memory_key_padding_mask=None):
+    def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,
+                        spatial_shapes):
+        """Standard cross-attention to every image token (references are not used)."""
+        return self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
+                               key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+
+    def forward(self, tgt, memory, query_pos=None, pos=None, memory_key_padding_mask=None,
+                self_attn_mask=None, reference_points=None, spatial_shapes=None):
+        """``self_attn_mask``: ``[Q, Q]`` bool, True where query i may not attend to query j
+        (denoising groups); ``reference_points``: per-level references for deformable layers."""
         def self_attn(x):
             q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, need_weights=False)[0]
+            return self.self_attn(q, k, x, attn_mask=self_attn_mask, need_weights=False)[0]
 
         def cross_attn(x):
-            return self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
-                                   key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+            return self.cross_attention(x, memory, query_pos, pos, memory_key_padding_mask,
+                                        reference_points, spatial_shapes)
 
         tgt = self._block(0, tgt, self_attn)
         tgt = self._block(1, tgt, cross_attn)
         return self._block(2, tgt, self.ffn)
-
-
-class DetrTransformer(nn.Module):
-    """Optional encoder over image tokens, then a decoder over learned object queries.
-
-    Tensors are batch-first: ``src``/``pos`` ``[B, N, C]``, ``mask`` ``[B, N]`` (True = padding),
-    ``query_pos`` ``[Q, C]``. Returns decoder states of every layer ``[L, B, Q, C]`` (after the
-    shared final LayerNorm) and the encoder memory ``[B, N, C]``.
-    """
-
-    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 0,
-                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 normalize_before: bool = False):
-        super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={d_model} must be divisible by MODEL.DETR.NHEADS={nhead}.")
-        if num_decoder_layers < 1:
-            raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 1.")
-        enc = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        dec = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        self.encoder_layers = _clones(enc, num_encoder_layers)
-        self.encoder_norm = nn.LayerNorm(d_model) if normalize_before and num_encoder_layers else None
-        self.decoder_layers = _clones(dec, num_decoder_layers)
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self.d_model = d_model
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-
-    def encode(self, src, mask, pos):
-        """Run the (optional) encoder layers over the image tokens."""
-        memory = src
-        for layer in self.encoder_layers:
-            memory = layer(memory, pos=pos, key_padding_mask=mask)
-        if self.encoder_norm is not None:
-            memory = self.encoder_norm(memory)
-        return memory
-
-    def forward(self, src, mask, pos, query_pos):
-        memory = self.encode(src, mask, pos)
-        batch = src.shape[0]
-        query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        states = []
-        for layer in self.decoder_layers:
-            tgt = layer(tgt, memory, query_pos=query_pos, pos=pos, memory_key_padding_mask=mask)
-            states.append(self.decoder_norm(tgt))
-        return torch.stack(states), memory

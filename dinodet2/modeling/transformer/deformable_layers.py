@@ -1,0 +1,57 @@
+"""Deformable DETR encoder and decoder layers (multi-scale deformable attention).
+
+The encoder layer replaces self-attention over all tokens by deformable attention from every
+token (reference point = its own centre, on every level) into the multi-level feature maps;
+the decoder layer keeps query self-attention and replaces cross-attention by deformable
+attention around each query's reference point or box. Both have the same call signature as
+their standard counterparts in :mod:`.detr_transformer` so the transformer can mix them.
+"""
+import torch
+import torch.nn as nn
+
+from .deformable_attention import MultiScaleDeformableAttention
+from .detr_transformer import FeedForward, TransformerDecoderLayer, _with_pos
+
+__all__ = ["DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer"]
+
+
+class DeformableTransformerEncoderLayer(nn.Module):
+    """Deformable self-attention over the multi-level tokens, then an FFN (post- or pre-norm)."""
+
+    def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
+                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, src, pos=None, key_padding_mask=None, *, reference_points, spatial_shapes):
+        """``reference_points``: ``[B, N, L, 2]`` token centres in every level's coordinates."""
+        x = self.norm1(src) if self.normalize_before else src
+        attn = self.self_attn(_with_pos(x, pos), reference_points, x, spatial_shapes, key_padding_mask)
+        src = src + self.dropout1(attn)
+        if not self.normalize_before:
+            src = self.norm1(src)
+        x = self.norm2(src) if self.normalize_before else src
+        src = src + self.dropout2(self.ffn(x))
+        return src if self.normalize_before else self.norm2(src)
+
+
+class DeformableTransformerDecoderLayer(TransformerDecoderLayer):
+    """Query self-attention, deformable cross-attention around the reference, FFN."""
+
+    def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
+                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
+
+    def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,
+                        spatial_shapes):
+        if reference_points is None:
+            raise ValueError("deformable cross-attention needs reference points")
+        return self.cross_attn(_with_pos(x, query_pos), reference_points, memory, spatial_shapes,
+                               memory_key_padding_mask)
