@@ -132,6 +132,9 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.DEC_LAYERS = 6
     _C.MODEL.DETR.DIM_FEEDFORWARD = 2048
     _C.MODEL.DETR.DROPOUT = 0.1
+    # Dropout on attention weights (DETR's original: 0.1). 0 lets PyTorch use fused attention, several
+    # times faster in training on CPU; DROPOUT still applies to residual branches and FFNs.
+    _C.MODEL.DETR.ATTENTION_DROPOUT = 0.0
     _C.MODEL.DETR.PRE_NORM = False
     # Auxiliary losses on every decoder layer.
     _C.MODEL.DETR.DEEP_SUPERVISION = True

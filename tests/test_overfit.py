@@ -1,5 +1,6 @@
-"""End-to-end learning: a small DINOv2-LoRA DETR (seed decoder and two-stage decoder) must overfit
-four images to a high AP50.
+"""End-to-end learning: a small DINOv2-LoRA DETR (seed decoder, two-stage decoder and the improved
+decoder: deformable attention, two-stage, look-forward-twice, contrastive denoising, varifocal
+loss) must overfit four images to a high AP50.
 
 This is the test that proves targets, matching, losses, post-processing and COCO evaluation agree:
 a sign/scale/ordering error anywhere keeps AP50 near zero.
@@ -7,11 +8,17 @@ a sign/scale/ordering error anywhere keeps AP50 near zero.
 import pytest
 import torch
 
-from conftest import TINY_CONFIG
+from conftest import CONFIGS_DIR, TINY_CONFIG
+
+DECODERS = {
+    "seed_decoder": (TINY_CONFIG, ["MODEL.DETR.TWO_STAGE", False]),
+    "two_stage": (TINY_CONFIG, ["MODEL.DETR.TWO_STAGE", True]),
+    "improved": (CONFIGS_DIR / "Demo" / "detr_shapes_tiny_improved.yaml", []),
+}
 
 
-@pytest.mark.parametrize("two_stage", [False, True], ids=["seed_decoder", "two_stage"])
-def test_overfit_four_images_reaches_high_ap50(tmp_path, two_stage):
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_overfit_four_images_reaches_high_ap50(tmp_path, decoder):
     from detectron2.config import get_cfg
 
     from dinodet2 import add_dinodet2_config
@@ -21,15 +28,15 @@ def test_overfit_four_images_reaches_high_ap50(tmp_path, two_stage):
     register_shapes_dataset("shapes_overfit4", str(tmp_path / "data"), "train", num_images=4, seed=0)
     cfg = get_cfg()
     add_dinodet2_config(cfg)
-    cfg.merge_from_file(str(TINY_CONFIG))
+    config, overrides = DECODERS[decoder]
+    cfg.merge_from_file(str(config))
     cfg.merge_from_list([
         "DATASETS.TRAIN", ("shapes_overfit4",), "DATASETS.TEST", ("shapes_overfit4",),
         "INPUT.MIN_SIZE_TRAIN", (168,), "INPUT.RANDOM_FLIP", "none",
         "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 300, "SOLVER.STEPS", (250,),
         "SOLVER.WARMUP_ITERS", 20, "SOLVER.BASE_LR", 5e-4, "SOLVER.BACKBONE_LR_MULTIPLIER", 1.0,
-        "SOLVER.CHECKPOINT_PERIOD", 100000, "MODEL.DETR.TWO_STAGE", two_stage,
-        "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.CLASS_WEIGHT", 2.0, "MODEL.DETR.COST_CLASS", 2.0,
-        "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"), "SEED", 0,
+        "SOLVER.CHECKPOINT_PERIOD", 100000, "MODEL.DETR.CLASS_WEIGHT", 2.0, "MODEL.DETR.COST_CLASS", 2.0,
+        "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"), "SEED", 0, *overrides,
     ])
     torch.manual_seed(0)
     trainer = Trainer(cfg)

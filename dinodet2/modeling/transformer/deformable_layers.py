@@ -5,6 +5,8 @@ token (reference point = its own centre, on every level) into the multi-level fe
 the decoder layer keeps query self-attention and replaces cross-attention by deformable
 attention around each query's reference point or box. Both have the same call signature as
 their standard counterparts in :mod:`.detr_transformer` so the transformer can mix them.
+Deformable attention has no dropout on its attention weights (as in Deformable DETR), so
+``attention_dropout`` only reaches the decoder's standard query self-attention.
 """
 import torch
 import torch.nn as nn
@@ -19,7 +21,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over the multi-level tokens, then an FFN (post- or pre-norm)."""
 
     def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
-                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False):
+                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
@@ -45,8 +48,9 @@ class DeformableTransformerDecoderLayer(TransformerDecoderLayer):
     """Query self-attention, deformable cross-attention around the reference, FFN."""
 
     def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
-                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before)
+                 dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False,
+                 attention_dropout: float = 0.0):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before, attention_dropout)
         self.cross_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
 
     def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,
