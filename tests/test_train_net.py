@@ -81,8 +81,8 @@ def _describe(proc):
     )
 
 
-def _run(script, args, env, timeout):
-    cmd = [sys.executable, str(script), "--config-file", str(CONFIG), *map(str, args)]
+def _run(script, args, env, timeout, config=CONFIG):
+    cmd = [sys.executable, str(script), "--config-file", str(config), *map(str, args)]
     try:
         return subprocess.run(
             cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -96,8 +96,8 @@ def _run(script, args, env, timeout):
         )
 
 
-def _run_ok(script, args, env, timeout=TRAIN_TIMEOUT):
-    proc = _run(script, args, env, timeout)
+def _run_ok(script, args, env, timeout=TRAIN_TIMEOUT, config=CONFIG):
+    proc = _run(script, args, env, timeout, config)
     assert proc.returncode == 0, "train_net.py failed\n" + _describe(proc)
     return proc
 
@@ -294,14 +294,20 @@ def test_resume_continues_from_last_checkpoint(tmp_path, run_env):
 # ------------------------------------------------------------------------------------------------
 # 4. two-process CPU DDP (gloo)
 # ------------------------------------------------------------------------------------------------
-def test_two_process_cpu_ddp(tmp_path, run_env):
+IMPROVED_CONFIG = REPO_ROOT / "configs" / "Demo" / "detr_shapes_tiny_improved.yaml"
+
+
+@pytest.mark.parametrize("config", [CONFIG, IMPROVED_CONFIG], ids=["demo", "improved_decoder"])
+def test_two_process_cpu_ddp(tmp_path, run_env, config):
+    """DDP without find_unused_parameters: any parameter left without gradient (two-stage,
+    denoising, deformable) would make the second iteration fail."""
     out = tmp_path / "ddp"
     env = dict(run_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = _run_ok(
         TRAIN_NET,
-        ["--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *NO_EVAL_OPTS,
+        ["--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *NO_EVAL_OPTS, "MODEL.SFP.OUT_CHANNELS", "32",
          "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out],
-        env,
+        env, config=config,
     )
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log, _describe(proc)
