@@ -6,7 +6,7 @@ Pairs (``--pairs``):
 
 * ``detr``: HF ``DetrForObjectDetection`` vs our seed baseline
   (``configs/COCO-Detection/detr_dinov2_base_lora4.yaml``) with ``MODEL.DETR.ENC_LAYERS`` set to
-  HF's encoder depth (``--encoder-layers``, default 6 = HF's default).
+  HF's encoder depth (``--encoder-layers``, default 0 = the seed baseline; HF's own default is 6).
 * ``deformable``: HF ``DeformableDetrForObjectDetection`` (3 feature levels: the DINOv2 stride-14
   map + two stride-2 conv levels; no two-stage, no box refinement) vs our deformable model with a
   3-level simple feature pyramid (scale factors 1, 0.5, 0.25 -> the same token counts). If our
@@ -363,7 +363,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2-heads", type=int, default=3)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=4.0)
-    p.add_argument("--encoder-layers", type=int, default=6, help="DETR pair: encoder layers on both sides")
+    p.add_argument("--encoder-layers", type=int, default=0,
+                   help="DETR pair: encoder layers on both sides (0: the seed baseline has no encoder)")
     p.add_argument("--deformable-encoder-layers", type=int, default=6)
     p.add_argument("--dec-layers", type=int, default=6)
     p.add_argument("--detr-ffn", type=int, default=2048, help="DETR pair: FFN width (HF default 2048)")

@@ -348,3 +348,28 @@ def test_anchor_boxes_and_denoising_label_embeddings_have_no_weight_decay(tiny_c
     assert groups["transformer.anchor_boxes"]["weight_decay"] == 0.0
     assert groups["transformer.content_queries"]["weight_decay"] == 0.0
     assert groups["denoising.label_embed.weight"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["ADAMW", "SGD"])
+def test_fused_optimizer_matches_the_per_parameter_loop(tiny_cfg, name):
+    """SOLVER.FUSED changes the kernel, not the update (with full-model clipping)."""
+    from dinodet2.engine.optimizer import build_optimizer
+
+    results = []
+    for fused in (True, False):
+        cfg = _optim_cfg(tiny_cfg.clone())
+        cfg.SOLVER.OPTIMIZER = name
+        cfg.SOLVER.FUSED = fused
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        assert bool(optimizer.defaults.get("fused")) == fused
+        for step in range(2):
+            torch.manual_seed(step)
+            loss = sum((p * torch.randn_like(p)).sum() for p in model.parameters() if p.requires_grad)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n in results[0]:
+        assert torch.allclose(results[0][n], results[1][n], atol=1e-6), n

@@ -267,3 +267,20 @@ def test_deformable_attention_levels_follow_in_features(tiny_cfg):
     model = build_model(cfg)
     attn = model.transformer.decoder_layers[0].cross_attn
     assert (attn.num_levels, attn.num_points, attn.num_heads) == (4, 3, 4)
+
+
+def test_improved_decoder_under_bfloat16_autocast(tiny_cfg):
+    """Mixed precision: deformable sampling runs in fp32 inside autocast, losses stay finite."""
+    cfg = _apply(tiny_cfg, {"MODEL.BACKBONE.NAME": "build_dinov2_sfp_backbone", "MODEL.DETR.ENC_LAYERS": 1,
+                            "MODEL.DETR.DEFORMABLE.ENCODER": True, "MODEL.DETR.DEFORMABLE.DECODER": True,
+                            "MODEL.DETR.TWO_STAGE": True, "MODEL.DETR.CLASS_LOSS": "varifocal",
+                            "MODEL.DETR.DN.ENABLED": True, "MODEL.DETR.LOOK_FORWARD_TWICE": True})
+    model = build_model(cfg).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_train_batch())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([{"image": torch.rand(3, 67, 95) * 255}])
+    assert torch.isfinite(out[0]["instances"].pred_boxes.tensor).all()

@@ -68,7 +68,7 @@ case "$cmd" in
   demo)
     setup_env
     OUT=${DINODET2_DEMO_OUTPUT:-$ROOT/output/demo}
-    CFG=configs/Demo/detr_shapes_tiny.yaml
+    CFG=${DINODET2_DEMO_CONFIG:-configs/Demo/detr_shapes_tiny_improved.yaml}
     "$PY" tools/train_net.py --config-file "$CFG" OUTPUT_DIR "$OUT" "$@"
     "$PY" tools/visualize_predictions.py --config-file "$CFG" --output "$OUT/predictions" --score-threshold 0.3 \
       MODEL.WEIGHTS "$OUT/model_final.pth" "$@"

@@ -133,7 +133,8 @@ class DETR(nn.Module):
         transformer = DetrTransformer(
             d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
-            normalize_before=c.PRE_NORM, attention_dropout=c.ATTENTION_DROPOUT, num_queries=c.NUM_QUERIES, query_type=query_type,
+            normalize_before=c.PRE_NORM, attention_dropout=c.ATTENTION_DROPOUT,
+            activation_dropout=c.ACTIVATION_DROPOUT, num_queries=c.NUM_QUERIES, query_type=query_type,
             num_levels=num_levels, deformable_encoder=c.DEFORMABLE.ENCODER,
             deformable_decoder=c.DEFORMABLE.DECODER, num_points=c.DEFORMABLE.NUM_POINTS,
             deformable_heads=c.DEFORMABLE.NHEADS or None, refine_boxes=c.ITERATIVE_REFINEMENT,

@@ -22,10 +22,10 @@ class DeformableTransformerEncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
                  dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False,
-                 attention_dropout: float = 0.0):
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
@@ -49,8 +49,9 @@ class DeformableTransformerDecoderLayer(TransformerDecoderLayer):
 
     def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
                  dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False,
-                 attention_dropout: float = 0.0):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before, attention_dropout)
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before, attention_dropout,
+                         activation_dropout)
         self.cross_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
 
     def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,

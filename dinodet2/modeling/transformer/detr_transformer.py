@@ -1,9 +1,11 @@
 """Standard DETR encoder / decoder layers (multi-head attention over all tokens).
 
-``dropout`` applies to the residual branches and the FFN; ``attention_dropout`` to the attention
-weights (the original DETR used 0.1 for both). Dropout on attention weights forces PyTorch's
+``dropout`` applies to the residual branches, ``attention_dropout`` to the attention weights and
+``activation_dropout`` inside the FFN (the original DETR used 0.1 for all three; HF transformers'
+DETR and Deformable DETR default to 0.1 / 0 / 0). Dropout on attention weights forces PyTorch's
 unfused attention path, which on CPU makes a training step of a 6-layer encoder over ~1000 tokens
-several times slower, so it is a separate key (``MODEL.DETR.ATTENTION_DROPOUT``, default 0).
+several times slower, and the FFN's hidden activations are the largest tensors of a layer, so both
+are separate keys (``MODEL.DETR.ATTENTION_DROPOUT`` / ``ACTIVATION_DROPOUT``, default 0).
 """
 import copy
 from typing import Optional
@@ -38,10 +40,11 @@ class TransformerEncoderLayer(nn.Module):
     """Self-attention over image tokens; positions are added to queries and keys."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 normalize_before: bool = False, attention_dropout: float = 0.0):
+                 normalize_before: bool = False, attention_dropout: float = 0.0,
+                 activation_dropout: float = 0.0):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
@@ -64,11 +67,12 @@ class TransformerDecoderLayer(nn.Module):
     """Query self-attention, cross-attention to image tokens, FFN."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 normalize_before: bool = False, attention_dropout: float = 0.0):
+                 normalize_before: bool = False, attention_dropout: float = 0.0,
+                 activation_dropout: float = 0.0):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
         self.norms = _clones(nn.LayerNorm(d_model), 3)
         self.dropouts = _clones(nn.Dropout(dropout), 3)
         self.normalize_before = normalize_before

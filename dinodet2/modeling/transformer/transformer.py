@@ -58,7 +58,8 @@ class DetrTransformer(nn.Module):
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 0,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 normalize_before: bool = False, attention_dropout: float = 0.0, *, num_queries: int = 100, query_type: str = "learned",
+                 normalize_before: bool = False, attention_dropout: float = 0.0,
+                 activation_dropout: float = 0.0, *, num_queries: int = 100, query_type: str = "learned",
                  num_levels: int = 1, deformable_encoder: bool = False, deformable_decoder: bool = False,
                  num_points: int = 4, deformable_heads: Optional[int] = None, refine_boxes: bool = True,
                  look_forward_twice: bool = False, mixed_query_selection: bool = True,
@@ -82,7 +83,7 @@ class DetrTransformer(nn.Module):
             raise ValueError(f"MODEL.DETR.DEFORMABLE.NUM_POINTS must be >= 1, got {num_points}.")
 
         common = dict(dim_feedforward=dim_feedforward, dropout=dropout, normalize_before=normalize_before,
-                      attention_dropout=attention_dropout)
+                      attention_dropout=attention_dropout, activation_dropout=activation_dropout)
         if deformable_encoder:
             enc = DeformableTransformerEncoderLayer(d_model, deformable_heads, num_levels, num_points, **common)
         else:
