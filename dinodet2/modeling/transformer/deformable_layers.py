@@ -8,40 +8,27 @@ their standard counterparts in :mod:`.detr_transformer` so the transformer can m
 Deformable attention has no dropout on its attention weights (as in Deformable DETR), so
 ``attention_dropout`` only reaches the decoder's standard query self-attention.
 """
-import torch
-import torch.nn as nn
-
 from .deformable_attention import MultiScaleDeformableAttention
-from .detr_transformer import FeedForward, TransformerDecoderLayer, _with_pos
+from .detr_transformer import TransformerDecoderLayer, TransformerEncoderLayer, _with_pos
 
 __all__ = ["DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer"]
 
 
-class DeformableTransformerEncoderLayer(nn.Module):
+class DeformableTransformerEncoderLayer(TransformerEncoderLayer):
     """Deformable self-attention over the multi-level tokens, then an FFN (post- or pre-norm)."""
 
     def __init__(self, d_model: int, nhead: int, num_levels: int, num_points: int = 4,
                  dim_feedforward: int = 1024, dropout: float = 0.1, normalize_before: bool = False,
                  attention_dropout: float = 0.0, activation_dropout: float = 0.0):
-        super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
-        self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
+        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before, attention_dropout,
+                         activation_dropout, self_attn=MultiScaleDeformableAttention(d_model, nhead, num_levels,
+                                                                                     num_points))
 
-    def forward(self, src, pos=None, key_padding_mask=None, *, reference_points, spatial_shapes):
+    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes):
         """``reference_points``: ``[B, N, L, 2]`` token centres in every level's coordinates."""
-        x = self.norm1(src) if self.normalize_before else src
-        attn = self.self_attn(_with_pos(x, pos), reference_points, x, spatial_shapes, key_padding_mask)
-        src = src + self.dropout1(attn)
-        if not self.normalize_before:
-            src = self.norm1(src)
-        x = self.norm2(src) if self.normalize_before else src
-        src = src + self.dropout2(self.ffn(x))
-        return src if self.normalize_before else self.norm2(src)
+        if reference_points is None:
+            raise ValueError("deformable self-attention needs reference points")
+        return self.self_attn(_with_pos(x, pos), reference_points, x, spatial_shapes, key_padding_mask)
 
 
 class DeformableTransformerDecoderLayer(TransformerDecoderLayer):

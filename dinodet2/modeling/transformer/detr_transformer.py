@@ -41,9 +41,11 @@ class TransformerEncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  normalize_before: bool = False, attention_dropout: float = 0.0,
-                 activation_dropout: float = 0.0):
+                 activation_dropout: float = 0.0, self_attn: Optional[nn.Module] = None):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
+        if self_attn is None:
+            self_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
+        self.self_attn = self_attn
         self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
@@ -51,11 +53,14 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
+    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes):
+        """Standard self-attention over every token (references are not used)."""
+        q = k = _with_pos(x, pos)
+        return self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
     def forward(self, src, pos=None, key_padding_mask=None, *, reference_points=None, spatial_shapes=None):
         x = self.norm1(src) if self.normalize_before else src
-        q = k = _with_pos(x, pos)
-        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask,
-                                                 need_weights=False)[0])
+        src = src + self.dropout1(self.attention(x, pos, key_padding_mask, reference_points, spatial_shapes))
         if not self.normalize_before:
             src = self.norm1(src)
         x = self.norm2(src) if self.normalize_before else src
