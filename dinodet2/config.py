@@ -42,8 +42,12 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DINOV2.OUT_INDICES = [-1]
     # Apply DINOv2's final LayerNorm to every returned layer (as HF's Dinov2Backbone does).
     _C.MODEL.DINOV2.APPLY_LAYERNORM = True
-    # Freeze all pretrained backbone weights (LoRA adapters still train).
+    # Freeze all pretrained backbone weights (LoRA adapters still train). False = full fine-tuning.
     _C.MODEL.DINOV2.FREEZE = True
+    # Partial fine-tuning with FREEZE True: also train every LayerNorm / the last N blocks
+    # (at SOLVER.BACKBONE_LR_MULTIPLIER x the base LR).
+    _C.MODEL.DINOV2.UNFREEZE_NORMS = False
+    _C.MODEL.DINOV2.UNFREEZE_LAST_N_BLOCKS = 0
     # Drop-path rate inside the ViT blocks.
     _C.MODEL.DINOV2.DROP_PATH_RATE = 0.0
     # Only load files already on disk (never contact the Hub). Also honoured: HF_HUB_OFFLINE=1.
@@ -61,6 +65,31 @@ def add_dinodet2_config(cfg):
     # transformers version (4.x: attention.attention.query/key/value, attention.output.dense;
     # 5.x: attention.q_proj/k_proj/v_proj/o_proj). Allowed: query, key, value, attn_out, fc1, fc2.
     _C.MODEL.LORA.TARGET_MODULES = ["query", "value"]
+    # Blocks that get adapters: [] = all, or 0-based indices (negative = from the end) ...
+    _C.MODEL.LORA.LAYERS = []
+    # ... or only the last N blocks (0 = not used).
+    _C.MODEL.LORA.LAST_N_LAYERS = 0
+    # Per-layer ranks / alphas: rules "<blocks>[/<families>]=<value>", blocks "*", "7" or "0-5",
+    # e.g. ["0-5=4", "6-11=16", "*/fc1,fc2=8"]; later rules win; unmatched modules use RANK / ALPHA.
+    _C.MODEL.LORA.RANK_PATTERN = []
+    _C.MODEL.LORA.ALPHA_PATTERN = []
+    # Weight-decomposed LoRA (DoRA, peft's use_dora).
+    _C.MODEL.LORA.USE_DORA = False
+    # AdaLoRA (peft): adapters start at rank INIT_R and singular values are pruned by importance to an
+    # average rank TARGET_R over SOLVER.MAX_ITER - TFINAL steps (no pruning in the first TINIT steps,
+    # budget updated every DELTA_T steps). RANK / RANK_PATTERN / USE_DORA are not used with it. The
+    # orthogonality penalty is reported as loss_adalora_orth; the final ranks are logged and written
+    # to OUTPUT_DIR/adalora_rank_allocation.json.
+    _C.MODEL.LORA.ADALORA = CN()
+    _C.MODEL.LORA.ADALORA.ENABLED = False
+    _C.MODEL.LORA.ADALORA.INIT_R = 12
+    _C.MODEL.LORA.ADALORA.TARGET_R = 4
+    _C.MODEL.LORA.ADALORA.TINIT = 0
+    _C.MODEL.LORA.ADALORA.TFINAL = 0
+    _C.MODEL.LORA.ADALORA.DELTA_T = 10
+    _C.MODEL.LORA.ADALORA.BETA1 = 0.85
+    _C.MODEL.LORA.ADALORA.BETA2 = 0.85
+    _C.MODEL.LORA.ADALORA.ORTH_REG_WEIGHT = 0.5
 
     # ----------------------------------------------------------------------------------------
     # Simple feature pyramid neck (ViTDet style, explicit strides for patch 14)
@@ -177,6 +206,9 @@ def add_dinodet2_config(cfg):
     _C.SOLVER.DEFORMABLE_LR_MULTIPLIER = 0.1
     # Weight decay for embeddings (object queries, position/level embeddings, cls/register tokens).
     _C.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Write checkpoints with only the trainable weights (LoRA, neck, decoder, heads, unfrozen backbone
+    # weights) + buffers + the config; loading fills the frozen backbone from MODEL.DINOV2.NAME.
+    _C.SOLVER.CHECKPOINT_TRAINABLE_ONLY = False
     # Pass find_unused_parameters=True to DistributedDataParallel.
     _C.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
 

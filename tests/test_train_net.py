@@ -380,3 +380,39 @@ def test_visualize_predictions_draws_pngs_with_default_predictor(trained, tmp_pa
     import cv2
 
     assert all(cv2.imread(str(p)) is not None for p in pngs)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. trainable-only checkpoints on top of a pretrained (saved) DINOv2: resume, --eval-only,
+#    DefaultPredictor
+# ------------------------------------------------------------------------------------------------
+def test_trainable_only_checkpoints_resume_evaluate_and_predict(tmp_path, run_env, launcher, saved_dinov2_dir):
+    out = tmp_path / "small_ckpt"
+    pretrained = ["MODEL.DINOV2.RANDOM_INIT", "False", "MODEL.DINOV2.NAME", saved_dinov2_dir,
+                  "MODEL.DINOV2.FREEZE", "True", "SOLVER.CHECKPOINT_TRAINABLE_ONLY", "True"]
+    common = [*TINY_OPTS, *NO_EVAL_OPTS, *pretrained, "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", out]
+    _run_ok(TRAIN_NET, [*common, "SOLVER.MAX_ITER", "4"], run_env)
+    ckpt = _load_checkpoint(out / "model_final.pth")
+    assert ckpt["dinodet2_format"] == "trainable_only" and ckpt["iteration"] == 3
+    assert not any(k.endswith("attention.q_proj.base_layer.weight") for k in ckpt["model"])
+    assert any(".lora_A." in k for k in ckpt["model"])
+
+    second = _run_ok(TRAIN_NET, ["--resume", *common, "SOLVER.MAX_ITER", "6"], run_env)
+    assert "Starting training from iteration 4" in second.stdout, _describe(second)
+
+    evaluated = _run_ok(launcher, ["--eval-only", *TINY_OPTS, *pretrained, "MODEL.WEIGHTS", out / "model_final.pth",
+                                   "DATASETS.TEST", f'("{SMALL_VAL}",)', "OUTPUT_DIR", tmp_path / "eval"], run_env)
+    assert _copypaste(evaluated.stdout + evaluated.stderr), _describe(evaluated)
+
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultPredictor
+
+    from dinodet2 import add_dinodet2_config
+
+    cfg = get_cfg()
+    add_dinodet2_config(cfg)
+    cfg.merge_from_file(str(CONFIG))
+    cfg.merge_from_list([*TINY_OPTS, *pretrained, "MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.DEVICE", "cpu"])
+    predictor = DefaultPredictor(cfg)
+    result = predictor((torch.rand(80, 100, 3) * 255).to(torch.uint8).numpy())
+    assert result["instances"].image_size == (80, 100)

@@ -1,3 +1,4 @@
-from .checkpoint import Dinodet2Checkpointer, remap_lora_keys
+from .checkpoint import Dinodet2Checkpointer, remap_lora_keys, trainable_state_dict
+from .hooks import AdaLoraBudgetHook
 from .optimizer import build_optimizer, build_param_groups
 from .trainer import Trainer, check_amp_available, prepare_datasets, wrap_ddp

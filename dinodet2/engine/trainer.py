@@ -13,6 +13,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, check_datasets_exist
 from .checkpoint import Dinodet2Checkpointer
+from .hooks import AdaLoraBudgetHook
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "check_amp_available", "prepare_datasets", "wrap_ddp"]
@@ -66,11 +67,18 @@ class Trainer(DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = Dinodet2Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = Dinodet2Checkpointer(model, cfg.OUTPUT_DIR, trainable_only=cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY,
+                                                 cfg=cfg, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.MODEL.LORA.ENABLED and self.cfg.MODEL.LORA.ADALORA.ENABLED:
+            hooks.insert(1, AdaLoraBudgetHook(self.model, self.cfg.OUTPUT_DIR))
+        return hooks
 
     @classmethod
     def build_optimizer(cls, cfg, model):

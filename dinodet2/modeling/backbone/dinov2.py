@@ -9,7 +9,7 @@ import torch.nn as nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .lora import inject_lora, is_lora_parameter
+from .lora import LoraSpec, inject_adalora, inject_lora, is_lora_parameter, layer_index_of
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +190,31 @@ def _as_int(v) -> int:
     return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
 
 
-def configure_trainable(backbone: Dinov2Backbone, freeze: bool) -> None:
-    """Freeze the pretrained weights when asked; LoRA parameters always train.
+def configure_trainable(backbone: Dinov2Backbone, freeze: bool, unfreeze_norms: bool = False,
+                        unfreeze_last_n_blocks: int = 0) -> None:
+    """Which DINOv2 weights train. LoRA parameters always train.
 
-    The mask token (used only by DINOv2's masked-image pre-training) never receives a gradient
-    here, so it is always frozen; otherwise DDP would report it as an unused parameter.
+    ``freeze=False`` trains the whole ViT (full fine-tuning). With ``freeze=True`` the pretrained
+    weights are frozen except, for partial fine-tuning, every LayerNorm (``unfreeze_norms``) and
+    the last ``unfreeze_last_n_blocks`` transformer blocks. Unfrozen weights train at
+    ``SOLVER.BACKBONE_LR_MULTIPLIER`` x the base LR. The mask token (used only by DINOv2's
+    masked-image pre-training) never receives a gradient here, so it is always frozen; otherwise
+    DDP would report it as an unused parameter.
     """
+    depth = len(backbone.vit.encoder.layer)
+    if not 0 <= unfreeze_last_n_blocks <= depth:
+        raise ValueError(f"MODEL.DINOV2.UNFREEZE_LAST_N_BLOCKS={unfreeze_last_n_blocks} must be in 0..{depth} "
+                         f"(the backbone keeps {depth} blocks).")
+    norm_params = {id(p) for m in backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     for name, param in backbone.named_parameters():
-        param.requires_grad = is_lora_parameter(name) or not (freeze or name.endswith("mask_token"))
+        if name.endswith("mask_token"):
+            param.requires_grad = False
+        elif is_lora_parameter(name) or not freeze:
+            param.requires_grad = True
+        else:
+            layer = layer_index_of(name)
+            in_last_blocks = layer is not None and layer >= depth - unfreeze_last_n_blocks
+            param.requires_grad = in_last_blocks or (unfreeze_norms and id(param) in norm_params)
 
 
 @BACKBONE_REGISTRY.register()
@@ -222,10 +239,16 @@ def build_dinov2_backbone(cfg, input_shape: ShapeSpec = None) -> Dinov2Backbone:
         local_files_only=c.LOCAL_FILES_ONLY,
     )
     backbone = Dinov2Backbone(vit, out_indices=c.OUT_INDICES, apply_layernorm=c.APPLY_LAYERNORM)
-    lora = cfg.MODEL.LORA
-    if lora.ENABLED:
-        inject_lora(backbone.vit, lora.TARGET_MODULES, lora.RANK, lora.ALPHA, lora.DROPOUT)
-    configure_trainable(backbone, freeze=c.FREEZE)
+    if cfg.MODEL.LORA.ENABLED:
+        ada = cfg.MODEL.LORA.ADALORA
+        if ada.ENABLED:
+            inject_adalora(backbone.vit, LoraSpec.from_config(cfg), init_r=ada.INIT_R, target_r=ada.TARGET_R,
+                           total_step=cfg.SOLVER.MAX_ITER, tinit=ada.TINIT, tfinal=ada.TFINAL, delta_t=ada.DELTA_T,
+                           beta1=ada.BETA1, beta2=ada.BETA2, orth_reg_weight=ada.ORTH_REG_WEIGHT)
+        else:
+            inject_lora(backbone.vit, LoraSpec.from_config(cfg))
+    configure_trainable(backbone, freeze=c.FREEZE, unfreeze_norms=c.UNFREEZE_NORMS,
+                        unfreeze_last_n_blocks=c.UNFREEZE_LAST_N_BLOCKS)
     total = sum(p.numel() for p in backbone.parameters())
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     logger.info("DINOv2 backbone: %s parameters, %s trainable (%.2f%%)", f"{total:,}", f"{trainable:,}",

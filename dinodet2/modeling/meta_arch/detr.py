@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
 from ...config import IMAGENET_PIXEL_MEAN_RGB
+from ..backbone.lora import adalora_orthogonal_regularization, find_adalora_tuner, trainable_parameter_report
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
 from ..matcher import CLASS_LOSSES, HungarianMatcher
@@ -257,6 +258,14 @@ class DETR(nn.Module):
         else:
             outputs = self.forward_transformer(images, mask, denoising)
         losses = self.criterion(outputs, targets)
+        if "_adalora_tuner" not in self.__dict__:  # looked up once; kept outside the module tree
+            self.__dict__["_adalora_tuner"] = find_adalora_tuner(self.backbone)
+        tuner = self.__dict__["_adalora_tuner"]
+        if tuner is not None:
+            weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+            regularization = adalora_orthogonal_regularization(tuner)
+            if weight > 0 and regularization is not None:
+                losses["loss_adalora_orth"] = weight * regularization
         if self.denoising is not None and denoising is None:
             # A batch without objects leaves the label embedding unused; a zero-valued term keeps
             # it in the graph so DistributedDataParallel still sees a gradient for it.
@@ -309,6 +318,8 @@ def log_parameter_summary(model: nn.Module) -> None:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines = [f"{n:<18s} {t:>14,d} {tr:>14,d}" for n, t, tr in rows]
+    kinds = {k: v for k, v in trainable_parameter_report(model).items() if k not in ("total", "trainable")}
+    lines.append("trainable by kind: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()))
     logger.info(
         "Parameters of %s: total %s, trainable %s (%.2f%%)\n%-18s %14s %14s\n%s", type(model).__name__,
         f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), "module", "total", "trainable",

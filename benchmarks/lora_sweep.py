@@ -1,0 +1,145 @@
+"""LoRA sweep on the embedded demo dataset: ranks, module families, selective blocks, AdaLoRA,
+full fine-tuning, with a fixed iteration budget.
+
+Every variant starts from ``configs/Demo/detr_shapes_tiny_improved.yaml`` with the ViT *frozen*
+(``MODEL.DINOV2.FREEZE True``; only the adapters adapt it; the neck and decoder always train),
+except the full fine-tuning reference. For each variant it
+
+1. trains with ``tools/train_net.py`` and reads the final COCOEvaluator AP / AP50 from
+   ``metrics.json``;
+2. measures seconds per training iteration and peak RSS with ``tools/benchmark.py`` (synthetic
+   224x224 images, batch 8, 2 threads);
+3. reports trainable parameters and the size of a trainable-only checkpoint
+   (``SOLVER.CHECKPOINT_TRAINABLE_ONLY``) and of the full model state dict.
+
+::
+
+    python benchmarks/lora_sweep.py                     # all variants, 300 iterations each
+    python benchmarks/lora_sweep.py --iters 100 --variants r4 adalora
+
+Writes ``output/lora_sweep/results.{md,json}``.
+"""
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CONFIG = "configs/Demo/detr_shapes_tiny_improved.yaml"
+FROZEN = ["MODEL.DINOV2.FREEZE", "True"]
+
+VARIANTS = {
+    "r4 q,v": FROZEN + ["MODEL.LORA.RANK", "4", "MODEL.LORA.ALPHA", "4.0"],
+    "r8 q,v": FROZEN + ["MODEL.LORA.RANK", "8", "MODEL.LORA.ALPHA", "8.0"],
+    "r16 q,v": FROZEN + ["MODEL.LORA.RANK", "16", "MODEL.LORA.ALPHA", "16.0"],
+    "r32 q,v": FROZEN + ["MODEL.LORA.RANK", "32", "MODEL.LORA.ALPHA", "32.0"],
+    "r8 attention (q,k,v,o)": FROZEN + ["MODEL.LORA.RANK", "8", "MODEL.LORA.ALPHA", "8.0",
+                                        "MODEL.LORA.TARGET_MODULES", "['query','key','value','attn_out']"],
+    "r8 FFN (fc1,fc2)": FROZEN + ["MODEL.LORA.RANK", "8", "MODEL.LORA.ALPHA", "8.0",
+                                  "MODEL.LORA.TARGET_MODULES", "['fc1','fc2']"],
+    "r8 attention + FFN": FROZEN + ["MODEL.LORA.RANK", "8", "MODEL.LORA.ALPHA", "8.0", "MODEL.LORA.TARGET_MODULES",
+                                    "['query','key','value','attn_out','fc1','fc2']"],
+    "r8 q,v last half of the blocks": FROZEN + ["MODEL.LORA.RANK", "8", "MODEL.LORA.ALPHA", "8.0",
+                                                "MODEL.LORA.LAST_N_LAYERS", "2"],
+    "AdaLoRA 12 -> 4, attention + FFN": FROZEN + ["MODEL.LORA.ADALORA.ENABLED", "True", "MODEL.LORA.ALPHA", "4.0",
+                                                  "MODEL.LORA.TARGET_MODULES",
+                                                  "['query','key','value','attn_out','fc1','fc2']"],
+    "no adapters, frozen ViT": FROZEN + ["MODEL.LORA.ENABLED", "False"],
+    "full fine-tuning (no LoRA)": ["MODEL.DINOV2.FREEZE", "False", "MODEL.LORA.ENABLED", "False"],
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _metrics(run_dir: Path) -> dict:
+    bbox = {}
+    for line in (run_dir / "metrics.json").read_text().splitlines():
+        bbox.update({k.split("/", 1)[1]: v for k, v in json.loads(line).items() if k.startswith("bbox/")})
+    return bbox
+
+
+def _checkpoint_bytes(config_file: Path, weights: Path):
+    """Bytes of the torch.save'd trainable-only and full model state dicts after loading ``weights``
+    (the demo's DINOv2 is random-init, so its checkpoints on disk stay complete)."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from dinodet2 import add_dinodet2_config
+    from dinodet2.engine import Dinodet2Checkpointer, trainable_state_dict
+
+    cfg = get_cfg()
+    add_dinodet2_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    model = build_model(cfg)
+    Dinodet2Checkpointer(model).load(str(weights))
+    sizes = []
+    for state in (trainable_state_dict(model), model.state_dict()):
+        buffer = io.BytesIO()
+        torch.save({"model": state}, buffer)
+        sizes.append(buffer.tell())
+    return sizes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"names from {list(VARIANTS)}")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--output-dir", default="output/lora_sweep")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+
+    out_root = REPO / args.output_dir
+    results = {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in args.variants:
+        run_dir = out_root / _slug(name)
+        overrides = VARIANTS[name]
+        train = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *overrides,
+                 "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
+                 "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
+                 "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir)]
+        print("$", " ".join(train[1:]), flush=True)
+        subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
+        bench_json = run_dir / "benchmark_train.json"
+        bench = [sys.executable, "tools/benchmark.py", "--config-file", CONFIG, "--mode", "train", "--image-size",
+                 "224", "--batch-size", "8", "--iters", "5", "--warmup", "2", "--threads", "2", "--no-flops",
+                 "--output", str(bench_json), *overrides, "SOLVER.MAX_ITER", str(args.iters)]
+        subprocess.run(bench, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
+        bench_result = json.loads(bench_json.read_text())
+        weights = run_dir / "model_final.pth"
+        results[name] = {
+            **{k: _metrics(run_dir).get(k) for k in ("AP", "AP50")},
+            "params_trainable": bench_result["params_trainable"],
+            "params_total": bench_result["params_total"],
+            **dict(zip(("checkpoint_trainable_only_bytes", "full_state_dict_bytes"),
+                       _checkpoint_bytes(run_dir / "config.yaml", weights))),
+            "train_s_per_iter": bench_result["median_s_per_iter"],
+            "train_peak_rss_mib": bench_result["peak_memory_mib"],
+            "command": " ".join(train[1:]),
+        }
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}), flush=True)
+
+    lines = ["| variant | trainable params | trainable-only checkpoint | full checkpoint | s/iter | peak RSS | AP | AP50 |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['params_trainable']:,} | {r['checkpoint_trainable_only_bytes'] / 2**20:.2f} MiB | "
+                     f"{r['full_state_dict_bytes'] / 2**20:.2f} MiB | {r['train_s_per_iter']:.3f} | "
+                     f"{r['train_peak_rss_mib']:.0f} MiB | {r['AP']:.2f} | {r['AP50']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.json").write_text(json.dumps(results, indent=2))
+    (out_root / "results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
