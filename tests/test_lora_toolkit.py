@@ -291,6 +291,7 @@ def test_adalora_hook_updates_the_rank_allocation_every_step(tiny_cfg, tmp_path,
     final = adalora_rank_allocation(model)
     assert sum(final.values()) < sum(initial.values())
     assert sum(final.values()) == pytest.approx(2 * 8, abs=2)  # target average rank 2 over 8 modules
+    hook.trainer.iter = steps  # as Detectron2 leaves it for after_train
     hook.after_train()
     saved = json.loads((tmp_path / "adalora_rank_allocation.json").read_text())
     assert saved["ranks"] == final and hook.trainer.storage.scalars["adalora/total_rank"] == sum(final.values())
@@ -319,3 +320,34 @@ def test_param_report_tool(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["parameters"]["total"] == report["parameters"]["total"]
     # the demo trains its random-init ViT, so only the frozen mask token is left out
     assert 0 < report["checkpoint_bytes"]["trainable_only"] <= report["checkpoint_bytes"]["full"]
+
+
+def test_trainer_registers_the_adalora_hook_and_writes_the_allocation(tmp_path):
+    from detectron2.config import get_cfg
+
+    from conftest import TINY_CONFIG
+    from dinodet2 import add_dinodet2_config
+    from dinodet2.data import register_shapes_dataset
+    from dinodet2.engine import Trainer
+
+    register_shapes_dataset("shapes_adalora4", str(tmp_path / "data"), "train", num_images=4, seed=0)
+    cfg = get_cfg()
+    add_dinodet2_config(cfg)
+    cfg.merge_from_file(str(TINY_CONFIG))
+    cfg.merge_from_list([
+        "MODEL.DINOV2.HIDDEN_SIZE", 32, "MODEL.DINOV2.NUM_LAYERS", 2, "MODEL.DINOV2.NUM_HEADS", 2,
+        "MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DEC_LAYERS", 2,
+        "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.DETR.NUM_QUERIES", 10,
+        "MODEL.LORA.ADALORA.ENABLED", True, "MODEL.LORA.ADALORA.INIT_R", 4, "MODEL.LORA.ADALORA.TARGET_R", 2,
+        "MODEL.LORA.ADALORA.DELTA_T", 1, "DATASETS.TRAIN", ("shapes_adalora4",), "DATASETS.TEST", (),
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 100,
+        "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"),
+    ])
+    trainer = Trainer(cfg)
+    assert sum(isinstance(h, AdaLoraBudgetHook) for h in trainer._hooks) == 1
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / "adalora_rank_allocation.json").read_text())
+    assert saved["iteration"] == 6 and len(saved["ranks"]) == 4
+    assert sum(saved["ranks"].values()) < 4 * 4  # pruned below INIT_R everywhere in total
+    assert "loss_adalora_orth" in trainer.storage.latest()

@@ -38,10 +38,11 @@ class AdaLoraBudgetHook(HookBase):
 
     def after_train(self):
         ranks = adalora_rank_allocation(self.model)
+        iterations = self.trainer.iter  # Detectron2 sets iter = max_iter before after_train
         logger.info("AdaLoRA rank allocation after %d iterations (total %d over %d modules):\n%s",
-                    self.trainer.iter + 1, sum(ranks.values()), len(ranks),
+                    iterations, sum(ranks.values()), len(ranks),
                     "\n".join(f"  {name}: {rank}" for name, rank in ranks.items()))
         if comm.is_main_process() and self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "adalora_rank_allocation.json"), "w") as f:
-                json.dump({"iteration": self.trainer.iter + 1, "ranks": ranks}, f, indent=2)
+                json.dump({"iteration": iterations, "ranks": ranks}, f, indent=2)
