@@ -213,3 +213,16 @@ def add_dinodet2_config(cfg):
     _C.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
 
     return cfg
+
+
+def load_dinodet2_config(config_file: str, opts=(), freeze: bool = True):
+    """A config as the tools build it: Detectron2's defaults + dinodet2's keys + YAML file +
+    ``KEY VALUE`` overrides (frozen unless ``freeze=False``)."""
+    from detectron2.config import get_cfg
+
+    cfg = add_dinodet2_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg

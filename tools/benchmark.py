@@ -60,11 +60,10 @@ if _REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import dinodet2  # noqa: E402,F401  (registers backbones / meta-architecture)
-from dinodet2.config import add_dinodet2_config  # noqa: E402
+from dinodet2.config import load_dinodet2_config  # noqa: E402
 
 __all__ = [
     "BenchmarkSetupError", "setup_cfg", "parse_image_size", "make_synthetic_batch", "time_iterations",
@@ -88,12 +87,7 @@ class BenchmarkSetupError(ValueError):
 # ----------------------------------------------------------------------------------------------
 def setup_cfg(config_file: str, opts: Sequence[str] = ()):
     """Config as ``tools/train_net.py`` builds it: defaults + dinodet2 keys + file + overrides."""
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
+    return load_dinodet2_config(config_file, opts)
 
 
 def parse_image_size(size: Union[int, Sequence[int]]) -> Tuple[int, int]:

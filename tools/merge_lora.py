@@ -27,21 +27,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from dinodet2 import add_dinodet2_config  # noqa: E402
+from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
 from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
-
-
-def setup(args):
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
 
 
 def fixed_inputs(cfg, size, seed=0):
@@ -100,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=5, help="timed inference iterations before / after")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    report = merge(setup(args), args.weights, args.output_dir, args.image_size, args.iters)
+    report = merge(load_dinodet2_config(args.config_file, args.opts), args.weights, args.output_dir, args.image_size, args.iters)
     print(f"merged {report['merged_layers']} LoRA layers; max |output difference| = "
           f"{report['max_abs_output_diff']:.3g}; inference {report['inference_s_lora']:.4f} s -> "
           f"{report['inference_s_merged']:.4f} s per batch of {report['batch_size']}")

@@ -16,10 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from dinodet2 import add_dinodet2_config  # noqa: E402
+from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.modeling.backbone.lora import family_of, layer_index_of, trainable_parameter_report  # noqa: E402
 
 
@@ -60,11 +59,7 @@ def main(argv=None):
                         help="also report the size of a full and of a trainable-only checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = load_dinodet2_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
     report = {"parameters": trainable_parameter_report(model), "lora_modules": lora_modules(model)}
     total = report["parameters"]["total"]

@@ -18,7 +18,7 @@ one exact entry per adapted module.
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -52,7 +52,6 @@ class LoraSpec:
     rank_pattern: Sequence[str] = ()
     alpha_pattern: Sequence[str] = ()
     use_dora: bool = False
-    extra: Dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg) -> "LoraSpec":
