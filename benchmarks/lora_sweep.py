@@ -15,7 +15,8 @@ except the full fine-tuning reference. For each variant it
 ::
 
     python benchmarks/lora_sweep.py                     # all variants, 300 iterations each
-    python benchmarks/lora_sweep.py --iters 100 --variants r4 adalora
+    python benchmarks/lora_sweep.py --iters 100 --variants "r4 q,v" "full fine-tuning (no LoRA)"
+    python benchmarks/lora_sweep.py --variants "r4 q,v" --output-dir output/lora_sweep_seed1 SEED 1
 
 Writes ``output/lora_sweep/results.{md,json}``.
 """
@@ -92,6 +93,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"names from {list(VARIANTS)}")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--output-dir", default="output/lora_sweep")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (e.g. SEED 1)")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -106,7 +108,7 @@ def main():
         train = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *overrides,
                  "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
                  "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
-                 "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir)]
+                 "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir), *args.opts]
         print("$", " ".join(train[1:]), flush=True)
         subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
         bench_json = run_dir / "benchmark_train.json"
