@@ -351,3 +351,27 @@ def test_trainer_registers_the_adalora_hook_and_writes_the_allocation(tmp_path):
     assert saved["iteration"] == 6 and len(saved["ranks"]) == 4
     assert sum(saved["ranks"].values()) < 4 * 4  # pruned below INIT_R everywhere in total
     assert "loss_adalora_orth" in trainer.storage.latest()
+
+
+def test_rank_rules_and_injection_on_transformers4_module_names():
+    """Block and family parsing also works on transformers 4.x names (attention.attention.query, ...)."""
+    from peft.tuners.lora import LoraLayer
+
+    from dinodet2.modeling.backbone.lora import LoraSpec, inject_lora
+
+    from test_backbone import _Transformers4Dinov2
+
+    model = _Transformers4Dinov2(d=8, depth=3)
+    spec = LoraSpec(families=["query", "attn_out", "fc2"], rank=2, alpha=2.0, last_n_layers=2,
+                    rank_pattern=["2=4", "*/fc2=3"])
+    plan = inject_lora(model, spec)
+    assert {n: (p["layer"], p["family"], p["rank"]) for n, p in plan.items()} == {
+        "encoder.layer.1.attention.attention.query": (1, "query", 2),
+        "encoder.layer.1.attention.output.dense": (1, "attn_out", 2),
+        "encoder.layer.1.mlp.fc2": (1, "fc2", 3),
+        "encoder.layer.2.attention.attention.query": (2, "query", 4),
+        "encoder.layer.2.attention.output.dense": (2, "attn_out", 4),
+        "encoder.layer.2.mlp.fc2": (2, "fc2", 3),
+    }
+    ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert ranks == {n: p["rank"] for n, p in plan.items()}
