@@ -190,6 +190,35 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.COST_GIOU = 2.0
 
     # ----------------------------------------------------------------------------------------
+    # Single-image training augmentations (dinodet2.data.augmentations); all off by default
+    # ----------------------------------------------------------------------------------------
+    _C.INPUT.AUG = CN()
+    # Large-scale jitter: resize by a factor in SCALE_RANGE of a SIZE x SIZE target, crop/pad to it.
+    _C.INPUT.AUG.LSJ = CN()
+    _C.INPUT.AUG.LSJ.ENABLED = False
+    _C.INPUT.AUG.LSJ.SCALE_RANGE = (0.1, 2.0)
+    _C.INPUT.AUG.LSJ.SIZE = 1024
+    # DETR's random resize + crop, applied with probability PROB before the multi-scale resize.
+    _C.INPUT.AUG.DETR_CROP = CN()
+    _C.INPUT.AUG.DETR_CROP.ENABLED = False
+    _C.INPUT.AUG.DETR_CROP.PROB = 0.5
+    _C.INPUT.AUG.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
+    _C.INPUT.AUG.DETR_CROP.CROP_SIZE = (384, 600)
+    # Photometric distortion: each op applied with probability PROB; factor ranges; HUE is the
+    # maximum shift as a fraction of the colour circle.
+    _C.INPUT.AUG.PHOTOMETRIC = CN()
+    _C.INPUT.AUG.PHOTOMETRIC.ENABLED = False
+    _C.INPUT.AUG.PHOTOMETRIC.PROB = 0.5
+    _C.INPUT.AUG.PHOTOMETRIC.BRIGHTNESS = (0.875, 1.125)
+    _C.INPUT.AUG.PHOTOMETRIC.CONTRAST = (0.5, 1.5)
+    _C.INPUT.AUG.PHOTOMETRIC.SATURATION = (0.5, 1.5)
+    _C.INPUT.AUG.PHOTOMETRIC.HUE = 0.05
+    # After augmentation, boxes are clipped to the image; a box is dropped when its clipped width or
+    # height is <= MIN_BOX_SIZE pixels or less than MIN_VISIBILITY of its area stays in the image.
+    _C.INPUT.AUG.MIN_BOX_SIZE = 0.0
+    _C.INPUT.AUG.MIN_VISIBILITY = 0.0
+
+    # ----------------------------------------------------------------------------------------
     # Optimisation
     # ----------------------------------------------------------------------------------------
     # "ADAMW" (default) or "SGD" (Detectron2's builder).

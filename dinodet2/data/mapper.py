@@ -3,12 +3,14 @@ import logging
 
 import numpy as np
 
+from detectron2.config import configurable
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.data import detection_utils as utils
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
-__all__ = ["DetrDatasetMapper", "clip_and_filter_annotations"]
+__all__ = ["DetrDatasetMapper", "clip_and_filter_annotations", "filter_by_visibility"]
 
 # Boxes whose width or height (after clipping to the image) is at most this many pixels are
 # dropped.
@@ -42,6 +44,30 @@ def clip_and_filter_annotations(annotations, width, height, min_box_size=MIN_BOX
     return kept, len(annotations) - len(kept)
 
 
+def filter_by_visibility(annotations, transforms, image_shape, min_box_size=0.0, min_visibility=0.0):
+    """Drop boxes (``XYXY_ABS``, input-image coordinates) that augmentation leaves too small or too
+    little visible in the output image of ``image_shape`` (h, w).
+
+    A box is kept when, after ``transforms.apply_box`` and clipping to the output image, its width
+    and height are > ``min_box_size`` and the clipped area is >= ``min_visibility`` x the
+    transformed area. Crowd annotations pass through. Returns (kept, number dropped).
+    """
+    h, w = image_shape
+    kept = []
+    for anno in annotations:
+        if anno.get("iscrowd", 0):
+            kept.append(anno)
+            continue
+        box = transforms.apply_box(np.asarray([anno["bbox"]], dtype=np.float64))[0]
+        area = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+        clipped = np.clip(box, 0.0, [w, h, w, h])
+        cw, ch = clipped[2] - clipped[0], clipped[3] - clipped[1]
+        if cw <= min_box_size or ch <= min_box_size or area <= 0 or cw * ch < min_visibility * area:
+            continue
+        kept.append(anno)
+    return kept, len(annotations) - len(kept)
+
+
 class DetrDatasetMapper(DatasetMapper):
     """:class:`detectron2.data.DatasetMapper` made robust to imperfect data.
 
@@ -55,6 +81,28 @@ class DetrDatasetMapper(DatasetMapper):
     * Training outputs always carry ``instances`` with ``gt_boxes`` and ``gt_classes``, empty
       for images without (usable) annotations.
     """
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        if is_train:
+            from .augmentations import build_train_augmentations
+
+            augs = build_train_augmentations(cfg)
+            if cfg.INPUT.CROP.ENABLED:  # Detectron2's own crop option, kept as in DatasetMapper
+                augs.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+            ret["augmentations"] = augs
+        ret["min_box_size"] = cfg.INPUT.AUG.MIN_BOX_SIZE
+        ret["min_visibility"] = cfg.INPUT.AUG.MIN_VISIBILITY
+        return ret
+
+    @configurable
+    def __init__(self, is_train: bool, *, min_box_size: float = 0.0, min_visibility: float = 0.0, **kwargs):
+        """``min_box_size`` / ``min_visibility``: see :func:`filter_by_visibility` (training only);
+        every other argument is :class:`DatasetMapper`'s."""
+        super().__init__(is_train, **kwargs)
+        self.min_box_size = min_box_size
+        self.min_visibility = min_visibility
 
     def __call__(self, dataset_dict):
         """Map one Detectron2 dataset dict; see the class docstring. May return None in training."""
@@ -91,5 +139,8 @@ class DetrDatasetMapper(DatasetMapper):
                 "to the image.",
                 key="message",
             )
+        if self.is_train and (self.min_box_size > 0 or self.min_visibility > 0):
+            annotations, _ = filter_by_visibility(annotations, transforms, image_shape, self.min_box_size,
+                                                  self.min_visibility)
         dataset_dict["annotations"] = annotations
         super()._transform_annotations(dataset_dict, transforms, image_shape)
