@@ -253,10 +253,7 @@ class DETR(nn.Module):
                              "with annotations).")
         targets = self.prepare_targets(batched_inputs, images)
         denoising = self.denoising(targets) if self.denoising is not None else None
-        if denoising is None:
-            outputs = self.forward_transformer(images, mask)
-        else:
-            outputs = self.forward_transformer(images, mask, denoising)
+        outputs = self.forward_transformer(images, mask, denoising)
         losses = self.criterion(outputs, targets)
         if "_adalora_tuner" not in self.__dict__:  # looked up once; kept outside the module tree
             self.__dict__["_adalora_tuner"] = find_adalora_tuner(self.backbone)

@@ -155,16 +155,19 @@ class DetrTransformer(nn.Module):
             memory = self.encoder_norm(memory)
         return memory
 
-    def propose(self, memory: torch.Tensor, level_masks: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Class logits and boxes of every token; padding tokens get a score of -inf for selection."""
-        anchors, valid = token_anchors(level_masks)
+    def propose(self, memory: torch.Tensor, level_masks: List[torch.Tensor],
+                anchors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Class logits and boxes of every token; padding tokens get a score of -inf for selection.
+
+        ``anchors``: :func:`token_anchors` of ``level_masks`` if already computed."""
+        anchors, valid = anchors if anchors is not None else token_anchors(level_masks)
         feat = self.enc_output(memory)
         logits = self.enc_class_embed(feat).masked_fill(~valid[..., None], -1e4)  # padding: background
         boxes = (self.enc_bbox_embed(feat) + inverse_sigmoid(anchors.to(feat.dtype))).sigmoid()
         scores = logits.detach().float().sigmoid().amax(-1).masked_fill(~valid, float("-inf"))
         return {"pred_logits": logits, "pred_boxes": boxes, "scores": scores, "features": feat}
 
-    def initial_queries(self, memory, level_masks, query_embed) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+    def initial_queries(self, memory, level_masks, query_embed, anchors=None) -> Tuple[torch.Tensor, Optional[torch.Tensor],
                                                                           Optional[torch.Tensor], Optional[Dict]]:
         """Content queries ``[B, Q, C]``, fixed positional queries (learned type only), initial
         references (``[B, Q, 2|4]`` or ``None``) and the two-stage proposals."""
@@ -178,7 +181,7 @@ class DetrTransformer(nn.Module):
         if self.query_type == "anchor":
             reference = self.anchor_boxes.sigmoid().unsqueeze(0).expand(batch, -1, -1)
             return self.content_queries.unsqueeze(0).expand(batch, -1, -1), None, reference, None
-        proposals = self.propose(memory, level_masks)
+        proposals = self.propose(memory, level_masks, anchors)
         k = min(self.num_queries, memory.shape[1])
         top = proposals["scores"].topk(k, dim=1).indices  # [B, k]
         reference = torch.gather(proposals["pred_boxes"].detach(), 1, top[..., None].expand(-1, -1, 4))
@@ -194,13 +197,14 @@ class DetrTransformer(nn.Module):
         if mask is not None and not bool(mask.any()):
             mask = None  # no padding in this batch: attention can take PyTorch's fused (flash) path
         ratios = valid_ratios(level_masks).to(src.dtype)
-        enc_refs = None
+        anchors, enc_refs = None, None
+        if self.query_type == "two_stage" or (self.deformable_encoder and len(self.encoder_layers)):
+            anchors = token_anchors(level_masks)  # computed once: encoder references and proposals
         if self.deformable_encoder and len(self.encoder_layers):
-            centres = token_anchors(level_masks)[0][..., :2].to(src.dtype)
-            enc_refs = to_level_coordinates(centres, ratios)
+            enc_refs = to_level_coordinates(anchors[0][..., :2].to(src.dtype), ratios)
         memory = self.encode(src, mask, pos, spatial_shapes, enc_refs)
 
-        tgt, query_pos, reference, enc_outputs = self.initial_queries(memory, level_masks, query_embed)
+        tgt, query_pos, reference, enc_outputs = self.initial_queries(memory, level_masks, query_embed, anchors)
         attn_mask = None
         if denoising is not None:
             if reference is None or reference.shape[-1] != 4:
