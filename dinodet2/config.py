@@ -7,6 +7,8 @@ Keys are grouped by the component they configure:
 * ``MODEL.LORA``    -- LoRA adapters on the backbone (HF ``peft``)
 * ``MODEL.SFP``     -- the simple feature pyramid neck
 * ``MODEL.DETR``    -- the DETR meta-architecture: transformer, matcher, losses
+* ``INPUT.AUG``     -- single- and multi-image training augmentations
+* ``CURRICULUM``    -- easy-to-hard sampling, query ramp-up, staged matching
 * ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options
 """
 from detectron2.config import CfgNode as CN
@@ -217,6 +219,82 @@ def add_dinodet2_config(cfg):
     # height is <= MIN_BOX_SIZE pixels or less than MIN_VISIBILITY of its area stays in the image.
     _C.INPUT.AUG.MIN_BOX_SIZE = 0.0
     _C.INPUT.AUG.MIN_VISIBILITY = 0.0
+
+    # ----------------------------------------------------------------------------------------
+    # Multi-image training augmentations (dinodet2.data.multi_image), applied in this order before
+    # the single-image ones, each with probability PROB; extra images are drawn at random from the
+    # same training set. All off by default. MIN_BOX_SIZE / MIN_VISIBILITY above also decide which
+    # cut or covered boxes are dropped (visibility = the box's pixels left uncovered).
+    # ----------------------------------------------------------------------------------------
+    # Mosaic: 4 images, each resized so its longer side is SIZE, placed around a random centre of a
+    # 2*SIZE x 2*SIZE canvas (centre in CENTER_RANGE x SIZE); the canvas is cropped to the images.
+    _C.INPUT.AUG.MOSAIC = CN()
+    _C.INPUT.AUG.MOSAIC.ENABLED = False
+    _C.INPUT.AUG.MOSAIC.PROB = 0.5
+    _C.INPUT.AUG.MOSAIC.SIZE = 640
+    _C.INPUT.AUG.MOSAIC.CENTER_RANGE = (0.5, 1.5)
+    # MixUp: a second image, resized to fit inside the first, blended as r*A + (1-r)*B with
+    # r ~ Beta(ALPHA, ALPHA); boxes of both are kept. LABEL_WEIGHTING: A's boxes weigh r and B's 1-r
+    # in the matched losses (classification, L1, GIoU).
+    _C.INPUT.AUG.MIXUP = CN()
+    _C.INPUT.AUG.MIXUP.ENABLED = False
+    _C.INPUT.AUG.MIXUP.PROB = 0.5
+    _C.INPUT.AUG.MIXUP.ALPHA = 1.5
+    _C.INPUT.AUG.MIXUP.LABEL_WEIGHTING = False
+    # CutMix: a rectangle covering a fraction in AREA_RANGE of the image (same aspect ratio) is
+    # replaced by the same region of a second image (resized to cover the first); its boxes are cut to
+    # the region, boxes of the first image under it are reduced to their visible part or dropped.
+    _C.INPUT.AUG.CUTMIX = CN()
+    _C.INPUT.AUG.CUTMIX.ENABLED = False
+    _C.INPUT.AUG.CUTMIX.PROB = 0.5
+    _C.INPUT.AUG.CUTMIX.AREA_RANGE = (0.1, 0.5)
+    # Copy-Paste: 1..MAX_OBJECTS objects cut from other images (with their segmentation mask when
+    # the dataset has one and USE_MASKS, else their box) are pasted at random places, rescaled by a
+    # factor in SCALE_RANGE (relative to the two images' shorter sides). An object of class c is
+    # drawn with probability proportional to n_c ** -RARE_CLASS_POWER (n_c: objects of class c in the
+    # training set): 0 = as frequent as in the data, 1 = every class equally often.
+    _C.INPUT.AUG.COPY_PASTE = CN()
+    _C.INPUT.AUG.COPY_PASTE.ENABLED = False
+    _C.INPUT.AUG.COPY_PASTE.PROB = 0.5
+    _C.INPUT.AUG.COPY_PASTE.MAX_OBJECTS = 3
+    _C.INPUT.AUG.COPY_PASTE.SCALE_RANGE = (0.5, 1.5)
+    _C.INPUT.AUG.COPY_PASTE.RARE_CLASS_POWER = 1.0
+    _C.INPUT.AUG.COPY_PASTE.USE_MASKS = True
+    # Grey level of padding (Mosaic canvas, MixUp around the second image).
+    _C.INPUT.AUG.PAD_VALUE = 114
+    # Switch Mosaic / MixUp / CutMix / Copy-Paste off for the last N training iterations (YOLOX's
+    # "no-aug" epochs; StrongAugmentationScheduleHook rebuilds the loader at MAX_ITER - N). 0 = never.
+    _C.INPUT.AUG.STRONG_OFF_LAST_ITERS = 0
+
+    # ----------------------------------------------------------------------------------------
+    # Curriculum learning (dinodet2.data.curriculum, dinodet2.engine.hooks); all off by default
+    # ----------------------------------------------------------------------------------------
+    _C.CURRICULUM = CN()
+    # Easy-to-hard sampling: every training image gets a difficulty score from its annotations,
+    #   w_count * objects / max objects + w_small * fraction of small boxes + w_overlap * mean over
+    #   boxes of the highest IoU with another box in the image   (w = DIFFICULTY_WEIGHTS),
+    # and the sampler draws from the easiest START_FRACTION of the images, growing to all of them at
+    # RAMP_ITERS (SCHEDULE "linear" or "sqrt").
+    _C.CURRICULUM.SAMPLING = CN()
+    _C.CURRICULUM.SAMPLING.ENABLED = False
+    _C.CURRICULUM.SAMPLING.START_FRACTION = 0.3
+    _C.CURRICULUM.SAMPLING.RAMP_ITERS = 1000
+    _C.CURRICULUM.SAMPLING.SCHEDULE = "linear"
+    _C.CURRICULUM.SAMPLING.DIFFICULTY_WEIGHTS = (1.0, 1.0, 1.0)
+    # A box is small when its area (original image pixels) is below this (COCO: 32 * 32).
+    _C.CURRICULUM.SAMPLING.SMALL_AREA = 1024.0
+    # Query ramp-up: the decoder uses START_QUERIES queries at iteration 0, growing linearly to
+    # MODEL.DETR.NUM_QUERIES at RAMP_ITERS.
+    _C.CURRICULUM.QUERIES = CN()
+    _C.CURRICULUM.QUERIES.ENABLED = False
+    _C.CURRICULUM.QUERIES.START_QUERIES = 25
+    _C.CURRICULUM.QUERIES.RAMP_ITERS = 1000
+    # Staged matching: the Hungarian matcher uses STAGES[i] until iteration STEPS[i], then the full
+    # cost. Stages: "l1" (box L1 only), "boxes" (L1 + GIoU, class-agnostic), "full".
+    _C.CURRICULUM.MATCHING = CN()
+    _C.CURRICULUM.MATCHING.ENABLED = False
+    _C.CURRICULUM.MATCHING.STAGES = ["l1", "boxes"]
+    _C.CURRICULUM.MATCHING.STEPS = [200, 500]
 
     # ----------------------------------------------------------------------------------------
     # Optimisation

@@ -279,3 +279,30 @@ def test_denoising_losses_use_the_fixed_assignment():
     # Class loss: 4 positives with logit -5 on their class, every other logit a negative; / (2 boxes x 2 groups).
     expected = 2.0 * (4 * _focal(-5.0, True) + 12 * _focal(-5.0, False)) / 4
     assert losses["loss_class_dn"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("class_loss", ["ce", "focal", "varifocal"])
+def test_target_weights_scale_the_matched_terms(class_loss):
+    """MixUp label weighting: weights 1 change nothing; target 0 (matched to query 2) at weight w
+    scales its L1 / GIoU terms by w and its classification terms by w."""
+    criterion = _criterion("focal" if class_loss == "varifocal" else class_loss)
+    criterion.class_loss = class_loss
+    plain = criterion(_outputs(class_loss), _targets())
+    ones = criterion(_outputs(class_loss), [{**_targets()[0], "weights": torch.ones(2)}])
+    for name in plain:
+        assert ones[name].item() == pytest.approx(plain[name].item(), rel=1e-6), name
+    weighted = criterion(_outputs(class_loss), [{**_targets()[0], "weights": torch.tensor([0.25, 1.0])}])
+    assert weighted["loss_bbox"].item() == pytest.approx(5.0 * (0.2 + 0.25 * 0.1) / NUM_BOXES, rel=1e-5)
+    assert weighted["loss_giou"].item() == pytest.approx(
+        3.0 * ((1 - GIOU_Q1) + 0.25 * (1 - GIOU_Q2)) / NUM_BOXES, rel=1e-5)
+    if class_loss == "ce":
+        expected = 2.0 * (0.1 * _neg_log_softmax(CE_LOGITS[0], 2) + _neg_log_softmax(CE_LOGITS[1], 1)
+                          + 0.25 * _neg_log_softmax(CE_LOGITS[2], 0)) / (0.1 + 1.0 + 1.0)
+    elif class_loss == "focal":
+        expected = 2.0 * (_focal(-3.0, False) + _focal(-2.0, False) + _focal(-1.0, False) + _focal(2.0, True)
+                          + 0.25 * (_focal(-0.5, True) + _focal(0.5, False))) / NUM_BOXES
+    else:
+        expected = None
+        assert weighted["loss_class"].item() < plain["loss_class"].item()
+    if expected is not None:
+        assert weighted["loss_class"].item() == pytest.approx(expected, rel=1e-5)

@@ -172,7 +172,11 @@ def test_trainable_only_checkpoint_reproduces_the_full_model(tiny_cfg, saved_din
     assert small["dinodet2_format"] == "trainable_only" and "MODEL:" in small["config"]
     frozen = [k for k in full["model"] if k not in small["model"]]
     assert frozen and all(".lora_" not in k for k in frozen)
-    assert (tmp_path / "small.pth").stat().st_size < (tmp_path / "full.pth").stat().st_size
+    def tensor_bytes(state):
+        return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+    # (on this tiny model the file sizes are dominated by the config text the small one carries)
+    assert tensor_bytes(small["model"]) < tensor_bytes(full["model"])
 
     torch.manual_seed(123)  # different random init of everything that is not pretrained
     fresh = build_model(cfg).eval()

@@ -1,10 +1,11 @@
-"""Data layer: the synthetic shapes dataset, dataset checks and the DETR dataset mapper.
+"""Data layer: the synthetic shapes dataset, dataset checks, the DETR dataset mapper and its
+single- and multi-image augmentations.
 
 Importing this package registers ``shapes_train`` and ``shapes_val`` with Detectron2's
 catalogs (under ``$DETECTRON2_DATASETS/shapes``, as read at import time).
 """
 from .checks import DatasetNotRegisteredError, check_datasets_exist
-from .mapper import DetrDatasetMapper, clip_and_filter_annotations
+from .mapper import DetrDatasetMapper, clip_and_filter_annotations, train_dataset_dicts
 from .shapes import (
     SHAPES_CLASSES,
     default_shapes_root,
@@ -31,4 +32,5 @@ __all__ = [
     "register_shapes_dataset",
     "register_shapes_datasets",
     "render_shapes_image",
+    "train_dataset_dicts",
 ]

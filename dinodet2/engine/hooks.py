@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+from typing import Callable, Optional
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -46,3 +47,45 @@ class AdaLoraBudgetHook(HookBase):
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "adalora_rank_allocation.json"), "w") as f:
                 json.dump({"iteration": iterations, "ranks": ranks}, f, indent=2)
+
+
+class TrainLoaderScheduleHook(HookBase):
+    """Keeps the training data loader in step with the iteration: switches the strong multi-image
+    augmentations off for the last iterations and puts a curriculum sampler at the right stage.
+
+    Data loading runs in worker processes that see neither the trainer nor its iteration, so a
+    state change means a new loader: ``build_loader(start_iter, strong_augmentation)`` is handed
+    to Detectron2's ``SimpleTrainer.reset_data_loader`` (new workers, forked with the new state)
+    at iteration ``strong_off_iter`` (YOLOX's "no-aug" epochs) and, when training resumes at
+    iteration > 0, before the first step -- so resumed runs continue with the same state and
+    curriculum stage as uninterrupted ones. The current state is logged as
+    ``data/strong_augmentation`` (1 on, 0 off).
+    """
+
+    def __init__(self, build_loader: Callable[[int, bool], object], strong_off_iter: Optional[int] = None,
+                 curriculum_sampler: bool = False):
+        self.build_loader = build_loader
+        self.strong_off_iter = strong_off_iter
+        self.curriculum_sampler = curriculum_sampler
+        self._strong = True
+
+    def _strong_at(self, iteration: int) -> bool:
+        return self.strong_off_iter is None or iteration < self.strong_off_iter
+
+    def _reset(self, iteration: int, strong: bool) -> None:
+        logger.info("Rebuilding the training data loader at iteration %d (strong multi-image augmentation %s).",
+                    iteration, "on" if strong else "off")
+        self.trainer._trainer.reset_data_loader(lambda: self.build_loader(iteration, strong))
+        self._strong = strong
+
+    def before_train(self):
+        start = self.trainer.iter
+        strong = self._strong_at(start)
+        if start > 0 and (self.curriculum_sampler or not strong):
+            self._reset(start, strong)
+        self._strong = strong
+
+    def before_step(self):
+        if self._strong and not self._strong_at(self.trainer.iter):
+            self._reset(self.trainer.iter, False)
+        self.trainer.storage.put_scalar("data/strong_augmentation", float(self._strong), smoothing_hint=False)

@@ -11,12 +11,25 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import DetrDatasetMapper, check_datasets_exist
+from ..data import DetrDatasetMapper, check_datasets_exist, train_dataset_dicts
+from ..data.curriculum import build_curriculum_sampler
 from .checkpoint import Dinodet2Checkpointer
-from .hooks import AdaLoraBudgetHook
+from .curriculum import CurriculumHook
+from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "check_amp_available", "prepare_datasets", "wrap_ddp"]
+__all__ = ["Trainer", "check_amp_available", "prepare_datasets", "strong_augmentation_off_iter", "wrap_ddp"]
+
+
+def strong_augmentation_off_iter(cfg):
+    """The iteration from which multi-image augmentations are off (None: never / none enabled)."""
+    aug = cfg.INPUT.AUG
+    last = int(aug.STRONG_OFF_LAST_ITERS)
+    if last < 0:
+        raise ValueError(f"INPUT.AUG.STRONG_OFF_LAST_ITERS must be >= 0, got {last}.")
+    if last == 0 or not any(op.ENABLED for op in (aug.MOSAIC, aug.MIXUP, aug.CUTMIX, aug.COPY_PASTE)):
+        return None
+    return max(cfg.SOLVER.MAX_ITER - last, 0)
 
 
 def check_amp_available(cfg) -> None:
@@ -75,9 +88,21 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
+        # Inserted right after IterationTimer: before the writers (their scalars get written) and,
+        # for CurriculumHook, before EvalHook (its after_train restores every query first).
         hooks = super().build_hooks()
-        if self.cfg.MODEL.LORA.ENABLED and self.cfg.MODEL.LORA.ADALORA.ENABLED:
-            hooks.insert(1, AdaLoraBudgetHook(self.model, self.cfg.OUTPUT_DIR))
+        cfg = self.cfg
+        if cfg.MODEL.LORA.ENABLED and cfg.MODEL.LORA.ADALORA.ENABLED:
+            hooks.insert(1, AdaLoraBudgetHook(self.model, cfg.OUTPUT_DIR))
+        curriculum = CurriculumHook.from_config(cfg, self.model)
+        if curriculum is not None:
+            hooks.insert(1, curriculum)
+        strong_off_iter = strong_augmentation_off_iter(cfg)
+        if strong_off_iter is not None or cfg.CURRICULUM.SAMPLING.ENABLED:
+            hooks.insert(1, TrainLoaderScheduleHook(
+                lambda start_iter, strong: self.build_train_loader(cfg, start_iter=start_iter,
+                                                                   strong_augmentation=strong),
+                strong_off_iter=strong_off_iter, curriculum_sampler=cfg.CURRICULUM.SAMPLING.ENABLED))
         return hooks
 
     @classmethod
@@ -85,8 +110,22 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+    def build_train_loader(cls, cfg, start_iter: int = 0, strong_augmentation: bool = True):
+        """Detectron2's train loader with :class:`DetrDatasetMapper` (multi-image augmentations
+        draw from the same dataset dicts) and, with ``CURRICULUM.SAMPLING.ENABLED``, the
+        curriculum sampler at iteration ``start_iter``. ``strong_augmentation=False`` switches
+        the multi-image augmentations off (see :class:`TrainLoaderScheduleHook`)."""
+        dataset = train_dataset_dicts(cfg)
+        mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
+        if mapper.multi_image is not None:
+            mapper.multi_image.active = strong_augmentation
+        sampler = None
+        if cfg.CURRICULUM.SAMPLING.ENABLED:
+            if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+                raise ValueError("CURRICULUM.SAMPLING.ENABLED replaces the training sampler; it cannot be combined "
+                                 f"with DATALOADER.SAMPLER_TRAIN='{cfg.DATALOADER.SAMPLER_TRAIN}' (use 'TrainingSampler').")
+            sampler = build_curriculum_sampler(cfg, dataset, start_iter=start_iter)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

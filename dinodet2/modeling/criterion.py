@@ -5,7 +5,7 @@ losses of the matched pairs (and the no-object classification of the unmatched q
 weighted and returned in a flat dict that Detectron2's trainer sums.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,9 @@ class SetCriterion(nn.Module):
                 and ``"dn_outputs"`` (denoising queries: the two keys, ``"aux_outputs"``,
                 ``"indices"`` (their fixed assignment) and ``"num_groups"``; losses ``_dn``).
             targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
-                cxcywh), on the same device as the predictions.
+                cxcywh), on the same device as the predictions, and optionally ``"weights"``
+                ([n] float, MixUp label weighting): a matched query's classification, L1 and
+                GIoU terms are multiplied by its target's weight (matching ignores weights).
 
         Returns:
             ``loss_class``, ``loss_bbox``, ``loss_giou`` for the final layer and
@@ -178,33 +180,56 @@ class SetCriterion(nn.Module):
         matched_xyxy = box_convert(matched_boxes, "cxcywh", "xyxy")
         matched_tgt_xyxy = box_convert(matched_tgt_boxes, "cxcywh", "xyxy")
 
+        # Per-target loss weights (MixUp label weighting), 1 for targets without "weights".
+        weights = None
+        if any("weights" in t for t in targets):
+            weights = torch.cat([
+                (t["weights"][tgt.to(t["weights"].device)] if "weights" in t else torch.ones(len(tgt)))
+                .to(device=logits.device, dtype=torch.float32)
+                for t, (_, tgt) in zip(targets, indices)
+            ])
+        query_weights = None  # [B, Q]: the matched queries' target weights, 1 elsewhere
+        if weights is not None:
+            query_weights = torch.ones(logits.shape[:2], dtype=torch.float32, device=logits.device)
+            query_weights[batch_idx, src_idx] = weights
+
         if self.class_loss == "ce":
             target_classes = torch.full(
                 logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
             )
             target_classes[batch_idx, src_idx] = matched_labels
-            loss_class = F.cross_entropy(
-                logits.transpose(1, 2), target_classes, weight=self.empty_weight
-            )
+            if query_weights is None:
+                loss_class = F.cross_entropy(
+                    logits.transpose(1, 2), target_classes, weight=self.empty_weight
+                )
+            else:  # same normalisation as the unweighted mean: the sum of the class weights
+                per_query = F.cross_entropy(
+                    logits.transpose(1, 2), target_classes, weight=self.empty_weight, reduction="none"
+                )
+                loss_class = (per_query * query_weights).sum() / self.empty_weight[target_classes].sum()
         elif self.class_loss == "focal":
             target_onehot = torch.zeros_like(logits)
             target_onehot[batch_idx, src_idx, matched_labels] = 1.0
-            loss_class = (
-                sigmoid_focal_loss(
-                    logits, target_onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
-                )
-                / num_boxes
+            loss_class = sigmoid_focal_loss(
+                logits, target_onehot, self.focal_alpha, self.focal_gamma,
+                reduction="sum" if query_weights is None else "none",
             )
+            if query_weights is not None:
+                loss_class = (loss_class * query_weights[..., None]).sum()
+            loss_class = loss_class / num_boxes
         else:  # varifocal: the matched class's target is the IoU of the predicted box
             iou = _paired_iou(matched_xyxy.detach(), matched_tgt_xyxy).clamp(min=0)
             target_score = torch.zeros_like(logits)
             target_score[batch_idx, src_idx, matched_labels] = iou.to(logits.dtype)
-            loss_class = varifocal_loss(logits, target_score, self.varifocal_alpha, self.focal_gamma) / num_boxes
+            loss_class = varifocal_loss(logits, target_score, self.varifocal_alpha, self.focal_gamma,
+                                        query_weights) / num_boxes
 
-        loss_bbox = F.l1_loss(matched_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
-        loss_giou = (
-            generalized_box_iou_loss(matched_xyxy, matched_tgt_xyxy, reduction="sum") / num_boxes
-        )
+        loss_bbox = F.l1_loss(matched_boxes, matched_tgt_boxes, reduction="none").sum(-1)
+        loss_giou = generalized_box_iou_loss(matched_xyxy, matched_tgt_xyxy, reduction="none")
+        if weights is not None:
+            loss_bbox, loss_giou = loss_bbox * weights, loss_giou * weights
+        loss_bbox = loss_bbox.sum() / num_boxes
+        loss_giou = loss_giou.sum() / num_boxes
 
         if log_metrics:
             self._log_class_error(matched_logits, matched_labels)
@@ -258,15 +283,19 @@ def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / (area1 + area2 - inter).clamp(min=1e-12)
 
 
-def varifocal_loss(logits: Tensor, target_score: Tensor, alpha: float = 0.75, gamma: float = 2.0) -> Tensor:
+def varifocal_loss(logits: Tensor, target_score: Tensor, alpha: float = 0.75, gamma: float = 2.0,
+                   query_weights: Optional[Tensor] = None) -> Tensor:
     """Varifocal loss (Zhang et al., VarifocalNet 2021), summed.
 
     Binary cross-entropy towards an IoU-valued target ``q``: positives (``q > 0``) are weighted
     by ``q`` (high-quality matches count more), negatives by ``alpha * p**gamma`` (focal
-    down-weighting of easy negatives, applied to negatives only).
+    down-weighting of easy negatives, applied to negatives only). ``query_weights`` ([B, Q])
+    scale each query's terms.
     """
     prob = logits.sigmoid().detach()
     positive = (target_score > 0).to(logits.dtype)
     weight = alpha * prob.pow(gamma) * (1 - positive) + target_score * positive
     bce = F.binary_cross_entropy_with_logits(logits, target_score, reduction="none")
+    if query_weights is not None:
+        weight = weight * query_weights[..., None]
     return (bce * weight).sum()

@@ -8,6 +8,14 @@ target ``t`` is::
 
 where the L1 distance is taken on normalised ``(cx, cy, w, h)`` boxes and GIoU on their
 ``(x1, y1, x2, y2)`` form.
+
+Staged matching (curriculum, see :mod:`dinodet2.engine.curriculum`): the settable
+``HungarianMatcher.stage`` (one of :data:`MATCHING_STAGES`) picks which terms are used:
+
+* ``"l1"``: ``cost_bbox * L1`` only (weight 1 if ``cost_bbox`` is 0);
+* ``"boxes"``: class-agnostic ``cost_bbox * L1 + cost_giou * -GIoU`` (L1 with weight 1 if both
+  box weights are 0);
+* ``"full"`` (default): the full cost above.
 """
 
 from typing import Dict, List, Tuple
@@ -18,6 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 CLASS_LOSSES = ("ce", "focal", "varifocal")
+MATCHING_STAGES = ("l1", "boxes", "full")
 
 
 class HungarianMatcher(nn.Module):
@@ -33,6 +42,8 @@ class HungarianMatcher(nn.Module):
             focal cost: the IoU-aware loss changes the target, not how a logit is read).
         focal_alpha: alpha of the focal cost (only used with ``"focal"``).
         focal_gamma: gamma of the focal cost (only used with ``"focal"``).
+        stage: which cost terms are used, one of :data:`MATCHING_STAGES` (see the module
+            docstring); settable at any time as ``matcher.stage``.
     """
 
     def __init__(
@@ -43,6 +54,7 @@ class HungarianMatcher(nn.Module):
         class_loss: str = "ce",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        stage: str = "full",
     ):
         super().__init__()
         costs = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
@@ -63,11 +75,23 @@ class HungarianMatcher(nn.Module):
         self.class_loss = class_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.stage = stage
+
+    @property
+    def stage(self) -> str:
+        """Matching stage: ``"l1"``, ``"boxes"`` or ``"full"`` (see the module docstring)."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, stage: str) -> None:
+        if stage not in MATCHING_STAGES:
+            raise ValueError(f"HungarianMatcher stage must be one of {MATCHING_STAGES}, got {stage!r}")
+        self._stage = stage
 
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
-            f"cost_giou={self.cost_giou}, class_loss={self.class_loss!r}"
+            f"cost_giou={self.cost_giou}, class_loss={self.class_loss!r}, stage={self.stage!r}"
         )
 
     def _class_cost(self, logits: Tensor, tgt_ids: Tensor) -> Tensor:
@@ -79,6 +103,24 @@ class HungarianMatcher(nn.Module):
         neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
         pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
         return pos[:, tgt_ids] - neg[:, tgt_ids]
+
+    def _cost(self, logits: Tensor, boxes: Tensor, tgt_ids: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """Matching cost [N, T] of the current stage for flattened float32 predictions."""
+        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        if self.stage == "l1":
+            return (self.cost_bbox or 1.0) * cost_bbox
+        cost_giou = -generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        )
+        if self.stage == "boxes":
+            if self.cost_bbox == 0 and self.cost_giou == 0:
+                return cost_bbox
+            return self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+        return (
+            self.cost_class * self._class_cost(logits, tgt_ids)
+            + self.cost_bbox * cost_bbox
+            + self.cost_giou * cost_giou
+        )
 
     @torch.no_grad()
     def forward(
@@ -111,16 +153,7 @@ class HungarianMatcher(nn.Module):
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
 
-        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        cost_giou = -generalized_box_iou(
-            box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
-        )
-        cost = (
-            self.cost_class * self._class_cost(logits, tgt_ids)
-            + self.cost_bbox * cost_bbox
-            + self.cost_giou * cost_giou
-        )
-        cost = cost.view(batch_size, num_queries, -1).cpu()
+        cost = self._cost(logits, boxes, tgt_ids, tgt_boxes).view(batch_size, num_queries, -1).cpu()
         if not torch.isfinite(cost).all():
             raise ValueError(
                 "HungarianMatcher got a non-finite (NaN/inf) matching cost: the predictions "

@@ -46,6 +46,10 @@ class DETR(nn.Module):
     ``instances`` (``gt_boxes`` absolute XYXY in the image's resized frame, ``gt_classes``
     contiguous ids). Output in training: a dict of weighted losses; in inference:
     ``[{"instances": Instances}]`` in the original image's coordinates.
+
+    :meth:`set_num_active_queries` restricts the decoder to its first ``k`` matching queries
+    (curriculum query ramp-up, :class:`dinodet2.engine.curriculum.CurriculumHook`), in training
+    and inference alike; the default is all ``num_queries``.
     """
 
     @configurable
@@ -84,6 +88,7 @@ class DETR(nn.Module):
         self.criterion = criterion
         self.num_classes = num_classes
         self.num_queries = num_queries
+        self._num_active_queries: Optional[int] = None  # None: all num_queries
         self.class_loss = class_loss
         self.deep_supervision = deep_supervision
         self.detections_per_image = detections_per_image
@@ -174,6 +179,21 @@ class DETR(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def num_active_queries(self) -> int:
+        """Number of matching queries the decoder uses (``num_queries`` unless restricted)."""
+        return self.num_queries if self._num_active_queries is None else self._num_active_queries
+
+    def set_num_active_queries(self, k: Optional[int]) -> None:
+        """Use only the first ``k`` matching queries (two-stage: the top-``k`` proposals) from now
+        on, in training and inference; ``None`` restores all ``num_queries``. Denoising queries are
+        not affected. All query parameters stay in the autograd graph (they are sliced), so
+        DistributedDataParallel needs no ``find_unused_parameters``."""
+        if k is not None and not 1 <= k <= self.num_queries:
+            raise ValueError(f"The number of active queries must be in [1, MODEL.DETR.NUM_QUERIES="
+                             f"{self.num_queries}] (or None for all), got {k}.")
+        self._num_active_queries = k
+
     # ------------------------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
         """Normalise, pad to the backbone's divisibility; return images and a padding mask."""
@@ -186,13 +206,17 @@ class DETR(nn.Module):
         return images, mask
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
-        """GT boxes as (cx, cy, w, h) normalised by each image's own unpadded size."""
+        """GT boxes as (cx, cy, w, h) normalised by each image's own unpadded size (+ per-box
+        loss ``weights`` when the instances carry ``gt_weights``)."""
         targets = []
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
             inst = x["instances"].to(self.device)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(inst.gt_boxes.tensor.float() / scale, "xyxy", "cxcywh")
-            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+            target = {"labels": inst.gt_classes, "boxes": boxes}
+            if inst.has("gt_weights"):  # MixUp label weighting (dinodet2.data.multi_image)
+                target["weights"] = inst.gt_weights.float()
+            targets.append(target)
         return targets
 
     def forward_transformer(self, images: ImageList, mask: torch.Tensor,
@@ -217,7 +241,7 @@ class DETR(nn.Module):
         spatial_shapes = torch.tensor([m.shape[-2:] for m in level_masks], dtype=torch.int64, device=src.device)
         states, boxes, enc_outputs = self.transformer(
             src, flat_mask, pos, level_masks, spatial_shapes, self.bbox_embed,
-            query_embed=self.query_embed, denoising=denoising,
+            query_embed=self.query_embed, denoising=denoising, num_queries=self._num_active_queries,
         )
         if boxes is None:  # seed DETR: boxes predicted directly
             boxes = self.bbox_embed(states).sigmoid()

@@ -21,7 +21,10 @@ Every improvement is switchable on its own (see ``MODEL.DETR`` in :mod:`dinodet2
   (DINO) a layer's box is predicted from the previous layer's *undetached* box so the loss of
   layer ``l`` also trains layer ``l - 1``;
 * denoising queries (:mod:`dinodet2.modeling.denoising`) prepended to the matching queries,
-  kept apart by a self-attention mask.
+  kept apart by a self-attention mask;
+* fewer active matching queries (``forward``'s ``num_queries``, the curriculum's query ramp-up):
+  only the first ``k`` learned positional queries / anchors / content queries are used (two-stage:
+  the top-``k`` proposals); the parameters are sliced, so they all stay in the autograd graph.
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -47,10 +50,12 @@ class DetrTransformer(nn.Module):
     ``forward`` takes batch-first flattened multi-level tokens ``src``/``pos`` ``[B, N, C]``,
     their padding ``mask`` ``[B, N]`` (True = padding), the per-level masks ``[B, h, w]`` and
     ``spatial_shapes`` ``[L, 2]``, the shared box head, and (query type ``"learned"``) the
-    learned positional queries ``[Q, C]``. It returns:
+    learned positional queries ``[Q, C]``, and optionally the number ``k`` of matching queries to
+    use (``None``: all ``num_queries``; denoising queries are not counted). It returns:
 
     * ``states``: decoder states of every layer ``[num_layers, B, Q', C]`` (after the shared
-      final LayerNorm); ``Q'`` includes the denoising queries first, if any;
+      final LayerNorm); ``Q'`` is the ``k`` matching queries (two-stage: at most the number of
+      tokens) preceded by the denoising queries, if any;
     * ``boxes``: normalised cxcywh boxes of every layer ``[num_layers, B, Q', 4]``, or ``None``
       when the queries have no reference (seed DETR: boxes are ``sigmoid(box_head(states))``);
     * ``enc_outputs``: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or ``None``.
@@ -167,22 +172,29 @@ class DetrTransformer(nn.Module):
         scores = logits.detach().float().sigmoid().amax(-1).masked_fill(~valid, float("-inf"))
         return {"pred_logits": logits, "pred_boxes": boxes, "scores": scores, "features": feat}
 
-    def initial_queries(self, memory, level_masks, query_embed, anchors=None) -> Tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                          Optional[torch.Tensor], Optional[Dict]]:
+    def initial_queries(self, memory, level_masks, query_embed, anchors=None,
+                        num_queries: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                    Optional[torch.Tensor], Optional[Dict]]:
         """Content queries ``[B, Q, C]``, fixed positional queries (learned type only), initial
-        references (``[B, Q, 2|4]`` or ``None``) and the two-stage proposals."""
+        references (``[B, Q, 2|4]`` or ``None``) and the two-stage proposals.
+
+        ``num_queries``: use only the first ``Q = num_queries`` queries (``None``: all of them)."""
+        if num_queries is None:
+            num_queries = self.num_queries
+        elif not 1 <= num_queries <= self.num_queries:
+            raise ValueError(f"num_queries must be in [1, {self.num_queries}], got {num_queries}")
         batch = memory.shape[0]
         if self.query_type == "learned":
             if query_embed is None:
                 raise ValueError("query_type 'learned' needs the learned positional queries (query_embed)")
-            query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
+            query_pos = query_embed[:num_queries].unsqueeze(0).expand(batch, -1, -1)
             reference = self.reference_points(query_pos).sigmoid() if self.deformable_decoder else None
             return torch.zeros_like(query_pos), query_pos, reference, None
         if self.query_type == "anchor":
-            reference = self.anchor_boxes.sigmoid().unsqueeze(0).expand(batch, -1, -1)
-            return self.content_queries.unsqueeze(0).expand(batch, -1, -1), None, reference, None
+            reference = self.anchor_boxes[:num_queries].sigmoid().unsqueeze(0).expand(batch, -1, -1)
+            return self.content_queries[:num_queries].unsqueeze(0).expand(batch, -1, -1), None, reference, None
         proposals = self.propose(memory, level_masks, anchors)
-        k = min(self.num_queries, memory.shape[1])
+        k = min(num_queries, memory.shape[1])
         top = proposals["scores"].topk(k, dim=1).indices  # [B, k]
         reference = torch.gather(proposals["pred_boxes"].detach(), 1, top[..., None].expand(-1, -1, 4))
         if self.mixed_query_selection:
@@ -193,7 +205,8 @@ class DetrTransformer(nn.Module):
         enc_outputs = {"pred_logits": proposals["pred_logits"], "pred_boxes": proposals["pred_boxes"]}
         return tgt, None, reference, enc_outputs
 
-    def forward(self, src, mask, pos, level_masks, spatial_shapes, box_head, query_embed=None, denoising=None):
+    def forward(self, src, mask, pos, level_masks, spatial_shapes, box_head, query_embed=None, denoising=None,
+                num_queries: Optional[int] = None):
         if mask is not None and not bool(mask.any()):
             mask = None  # no padding in this batch: attention can take PyTorch's fused (flash) path
         ratios = valid_ratios(level_masks).to(src.dtype)
@@ -204,7 +217,8 @@ class DetrTransformer(nn.Module):
             enc_refs = to_level_coordinates(anchors[0][..., :2].to(src.dtype), ratios)
         memory = self.encode(src, mask, pos, spatial_shapes, enc_refs)
 
-        tgt, query_pos, reference, enc_outputs = self.initial_queries(memory, level_masks, query_embed, anchors)
+        tgt, query_pos, reference, enc_outputs = self.initial_queries(memory, level_masks, query_embed, anchors,
+                                                                      num_queries)
         attn_mask = None
         if denoising is not None:
             if reference is None or reference.shape[-1] != 4:
