@@ -38,7 +38,8 @@ def _run(hook, start_iter, max_iter):
             trainer.iter = it
             trainer.storage.iter = it
             hook.before_step()
-    strong = [v for v, _ in trainer.storage.history("data/strong_augmentation").values()]
+    histories = trainer.storage.histories()
+    strong = [v for v, _ in histories["data/strong_augmentation"].values()] if "data/strong_augmentation" in histories else []
     return trainer._trainer.resets, strong
 
 
@@ -142,3 +143,9 @@ def test_augmentation_grid_tool_writes_a_png(tmp_path):
     grid = np.asarray(Image.open(out))
     assert grid.ndim == 3 and grid.shape[0] > 100 and grid.shape[1] > 100
     assert grid.std() > 10  # not a blank canvas
+
+
+def test_no_strong_augmentation_scalar_without_a_switch_off():
+    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=None, curriculum_sampler=True)
+    resets, strong = _run(hook, 2, 4)
+    assert resets == [(2, True)] and strong == []

@@ -203,7 +203,7 @@ class MultiImageAugmentation:
     def __repr__(self) -> str:
         ops = {k: v for k, v in (("mosaic", self.mosaic_args), ("mixup", self.mixup_args),
                                  ("cutmix", self.cutmix_args), ("copy_paste", self.copy_paste_args)) if v}
-        return f"MultiImageAugmentation(active={self.active}, {ops})"
+        return f"MultiImageAugmentation({ops})"
 
     # ------------------------------------------------------------------------------------------
     def draw_sample(self, rng) -> Optional[Sample]:

@@ -58,8 +58,8 @@ class TrainLoaderScheduleHook(HookBase):
     to Detectron2's ``SimpleTrainer.reset_data_loader`` (new workers, forked with the new state)
     at iteration ``strong_off_iter`` (YOLOX's "no-aug" epochs) and, when training resumes at
     iteration > 0, before the first step -- so resumed runs continue with the same state and
-    curriculum stage as uninterrupted ones. The current state is logged as
-    ``data/strong_augmentation`` (1 on, 0 off).
+    curriculum stage as uninterrupted ones. With a switch-off iteration, the current state is logged
+    as ``data/strong_augmentation`` (1 on, 0 off).
     """
 
     def __init__(self, build_loader: Callable[[int, bool], object], strong_off_iter: Optional[int] = None,
@@ -88,4 +88,5 @@ class TrainLoaderScheduleHook(HookBase):
     def before_step(self):
         if self._strong and not self._strong_at(self.trainer.iter):
             self._reset(self.trainer.iter, False)
-        self.trainer.storage.put_scalar("data/strong_augmentation", float(self._strong), smoothing_hint=False)
+        if self.strong_off_iter is not None:
+            self.trainer.storage.put_scalar("data/strong_augmentation", float(self._strong), smoothing_hint=False)

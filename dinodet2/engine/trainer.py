@@ -117,8 +117,9 @@ class Trainer(DefaultTrainer):
         the multi-image augmentations off (see :class:`TrainLoaderScheduleHook`)."""
         dataset = train_dataset_dicts(cfg)
         mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
-        if mapper.multi_image is not None:
-            mapper.multi_image.active = strong_augmentation
+        if mapper.multi_image is not None and not strong_augmentation:
+            mapper.multi_image.active = False
+            logging.getLogger(__name__).info("Multi-image augmentations are off from iteration %d on.", start_iter)
         sampler = None
         if cfg.CURRICULUM.SAMPLING.ENABLED:
             if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
