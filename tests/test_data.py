@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetFromList, MapDataset, MetadataCatalog
@@ -91,6 +92,8 @@ def test_boxes_are_tight_and_images_rectangular(tmp_path):
             assert abs(xs.min() - x) <= 1 and abs(xs.max() + 1 - (x + w)) <= 1
             assert abs(ys.min() - y) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
             assert anno["area"] == mask.sum()
+            # The RLE segmentation is the exact mask.
+            np.testing.assert_array_equal(mask_util.decode(anno["segmentation"]).astype(bool), mask)
 
 
 def test_generation_is_idempotent(tmp_path):

@@ -2,7 +2,8 @@
 
 Each image has a random non-square size, a smooth noisy background and 1-4 filled shapes
 (square, circle, triangle) in saturated colours. Shapes never overlap, so every box is the exact
-extent of its drawn shape. Generation is deterministic: image ``i`` of a split is rendered from
+extent of its drawn shape; every annotation also has the shape's exact mask as a compressed COCO
+RLE ``segmentation``. Generation is deterministic: image ``i`` of a split is rendered from
 its own random stream seeded by ``(seed, i)``, so the same parameters always produce
 byte-identical JSON and identical pixels.
 
@@ -43,8 +44,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Bump whenever the rendering changes, so stale files on disk are regenerated.
-SHAPES_VERSION = 1
+# Bump whenever the rendering or the annotations change, so stale files on disk are regenerated.
+# 2: annotations carry the exact shape masks as COCO RLE ``segmentation`` (used by Copy-Paste).
+SHAPES_VERSION = 2
 # Class names in COCO category-id order (ids 1, 2, 3).
 SHAPES_CLASSES = ("square", "circle", "triangle")
 # name -> (split, num_images, seed)
@@ -129,6 +131,14 @@ def _mask_to_xywh(mask):
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
     return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
+
+
+def _mask_to_rle(mask):
+    """Compressed COCO RLE of a boolean mask, JSON-serialisable."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def render_shapes_image(seed, index, min_size=128, max_size=192):
@@ -260,6 +270,7 @@ def generate_shapes_dataset(root, split, num_images, seed, min_size=128, max_siz
                 "category_id": obj["category_id"],
                 "bbox": obj["bbox"],
                 "area": obj["area"],
+                "segmentation": _mask_to_rle(obj["mask"]),
                 "iscrowd": 0,
             }
             for k, obj in enumerate(objects)
