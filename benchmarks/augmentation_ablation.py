@@ -19,15 +19,11 @@ Variants (schedules scale with ``--iters``):
   class-agnostic to 20 %, then full)
 """
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoder_convergence import read_metrics  # noqa: E402
+from decoder_convergence import train_variant, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/Demo/detr_shapes_tiny_improved.yaml"
@@ -75,22 +71,8 @@ def main():
                "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
                "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters), "DATALOADER.NUM_WORKERS", "0",
                "OUTPUT_DIR", str(run_dir), *args.opts]
-        print("$", " ".join(cmd), flush=True)
-        start = time.time()
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
-        results[name] = {**read_metrics(run_dir), "wall_s": round(time.time() - start, 1),
-                         "command": " ".join(cmd[1:])}
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}), flush=True)
-
-    lines = ["| variant | AP | AP50 | AP75 | APs | APm | APl | s/iter | wall |", "|---|" + ":--:|" * 8]
-    for name, r in results.items():
-        cells = [f"{r.get(k, float('nan')):.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['s_per_iter']:.2f} | {r['wall_s'] / 60:.1f} min |")
-    text = "\n".join(lines)
-    print(text)
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "results.json").write_text(json.dumps(results, indent=2))
-    (out_root / "results.md").write_text(text + "\n")
+        results[name] = train_variant(name, cmd, run_dir)
+    write_results(out_root, results)
 
 
 if __name__ == "__main__":

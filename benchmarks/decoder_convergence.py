@@ -52,6 +52,29 @@ def read_metrics(output_dir: Path) -> dict:
     return {**bbox, "s_per_iter": times[len(times) // 2] if times else float("nan")}
 
 
+def train_variant(name: str, cmd: list, run_dir: Path) -> dict:
+    """Run one training command (output silenced) and return its metrics, wall time and command."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
+    result = {**read_metrics(run_dir), "wall_s": round(time.time() - start, 1), "command": " ".join(cmd[1:])}
+    print(name, json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
+    return result
+
+
+def write_results(out_root: Path, results: dict) -> None:
+    """Print the Markdown table of ``results`` and write it and the JSON under ``out_root``."""
+    lines = ["| variant | AP | AP50 | AP75 | APs | APm | APl | s/iter | wall |", "|---|" + ":--:|" * 8]
+    for name, r in results.items():
+        cells = [f"{r.get(k, float('nan')):.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['s_per_iter']:.2f} | {r['wall_s'] / 60:.1f} min |")
+    table = "\n".join(lines)
+    print(table)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.json").write_text(json.dumps(results, indent=2))
+    (out_root / "results.md").write_text(table + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -70,22 +93,8 @@ def main():
                "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
                "SOLVER.BASE_LR", str(args.lr), "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
                "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir), *args.opts]
-        print("$", " ".join(cmd), flush=True)
-        start = time.time()
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
-        results[name] = {**read_metrics(run_dir), "wall_s": round(time.time() - start, 1),
-                         "command": " ".join(cmd[1:])}
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}), flush=True)
-
-    lines = ["| variant | AP | AP50 | AP75 | APs | APm | APl | s/iter | wall |", "|---|" + ":--:|" * 8]
-    for name, r in results.items():
-        cells = [f"{r.get(k, float('nan')):.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['s_per_iter']:.2f} | {r['wall_s'] / 60:.1f} min |")
-    table = "\n".join(lines)
-    print(table)
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "results.json").write_text(json.dumps(results, indent=2))
-    (out_root / "results.md").write_text(table + "\n")
+        results[name] = train_variant(name, cmd, run_dir)
+    write_results(out_root, results)
 
 
 if __name__ == "__main__":

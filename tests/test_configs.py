@@ -1,5 +1,7 @@
 """Tests of registrations and of every YAML config under configs/ (new files are picked up
 automatically): they merge into a fresh config, and the COCO configs build the intended model."""
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -183,3 +185,38 @@ def test_every_model_config_runs_one_training_iteration_on_cpu(path):
         assert "loss_class_dn" in losses
     if cfg.MODEL.DETR.TWO_STAGE:
         assert "loss_class_enc" in losses
+
+
+def _leaf_keys(node, prefix=""):
+    from detectron2.config import CfgNode
+
+    keys = set()
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        keys |= _leaf_keys(value, name + ".") if isinstance(value, CfgNode) else {name}
+    return keys
+
+
+def test_readme_documents_every_added_config_key():
+    """Every key add_dinodet2_config adds has a row in the README's config reference table
+    (a row may list siblings: `A.B.C` / `D` documents A.B.C and A.B.D)."""
+    import re
+
+    from detectron2.config import get_cfg
+
+    from dinodet2.config import add_dinodet2_config
+
+    added = _leaf_keys(add_dinodet2_config(get_cfg())) - _leaf_keys(get_cfg())
+    documented = set()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for line in readme.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first_cell = line.split("|")[1]
+        names = re.findall(r"`([^`]+)`", first_cell)
+        if not names or "." not in names[0]:
+            continue
+        parent = names[0].rsplit(".", 1)[0]
+        documented.add(names[0])
+        documented |= {f"{parent}.{n}" for n in names[1:] if "." not in n}
+    assert sorted(added - documented) == []

@@ -297,16 +297,29 @@ def test_resume_continues_from_last_checkpoint(tmp_path, run_env):
 IMPROVED_CONFIG = REPO_ROOT / "configs" / "Demo" / "detr_shapes_tiny_improved.yaml"
 
 
-@pytest.mark.parametrize("config", [CONFIG, IMPROVED_CONFIG], ids=["demo", "improved_decoder"])
-def test_two_process_cpu_ddp(tmp_path, run_env, config):
+AUG_CURRICULUM_OPTS = [
+    "INPUT.AUG.MOSAIC.ENABLED", "True", "INPUT.AUG.MOSAIC.PROB", "1.0", "INPUT.AUG.MOSAIC.SIZE", "112",
+    "INPUT.AUG.MIXUP.ENABLED", "True", "INPUT.AUG.MIXUP.LABEL_WEIGHTING", "True",
+    "INPUT.AUG.COPY_PASTE.ENABLED", "True", "INPUT.AUG.STRONG_OFF_LAST_ITERS", "1",
+    "CURRICULUM.SAMPLING.ENABLED", "True", "CURRICULUM.SAMPLING.RAMP_ITERS", "2",
+    "CURRICULUM.QUERIES.ENABLED", "True", "CURRICULUM.QUERIES.START_QUERIES", "4", "CURRICULUM.QUERIES.RAMP_ITERS", "2",
+    "CURRICULUM.MATCHING.ENABLED", "True", "CURRICULUM.MATCHING.STEPS", "[1,2]",
+]
+
+
+@pytest.mark.parametrize("config, extra_opts", [(CONFIG, []), (IMPROVED_CONFIG, []),
+                                                (IMPROVED_CONFIG, AUG_CURRICULUM_OPTS)],
+                         ids=["demo", "improved_decoder", "improved_with_augmentation_and_curriculum"])
+def test_two_process_cpu_ddp(tmp_path, run_env, config, extra_opts):
     """DDP without find_unused_parameters: any parameter left without gradient (two-stage,
-    denoising, deformable) would make the second iteration fail."""
+    denoising, deformable, fewer queries) would make the second iteration fail; the curriculum
+    sampler's shared seed and the loader rebuilt at the augmentation switch must work per rank."""
     out = tmp_path / "ddp"
     env = dict(run_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = _run_ok(
         TRAIN_NET,
         ["--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *NO_EVAL_OPTS, "MODEL.SFP.OUT_CHANNELS", "32",
-         "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out],
+         "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out, *extra_opts],
         env, config=config,
     )
     log = (out / "log.txt").read_text()
@@ -317,6 +330,8 @@ def test_two_process_cpu_ddp(tmp_path, run_env, config):
     assert _load_checkpoint(out / "model_final.pth")["iteration"] == 2
     model = _load_checkpoint(out / "model_final.pth")["model"]
     assert not any(k.startswith("module.") for k in model), "DDP wrapper leaked into checkpoint"
+    if extra_opts:
+        assert "strong multi-image augmentation off" in log and "Curriculum sampling over" in log, _describe(proc)
 
 
 # ------------------------------------------------------------------------------------------------

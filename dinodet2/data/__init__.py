@@ -5,7 +5,9 @@ Importing this package registers ``shapes_train`` and ``shapes_val`` with Detect
 catalogs (under ``$DETECTRON2_DATASETS/shapes``, as read at import time).
 """
 from .checks import DatasetNotRegisteredError, check_datasets_exist
+from .curriculum import CurriculumSampler, build_curriculum_sampler, difficulty_scores
 from .mapper import DetrDatasetMapper, clip_and_filter_annotations, train_dataset_dicts
+from .multi_image_pipeline import MultiImageAugmentation
 from .shapes import (
     SHAPES_CLASSES,
     default_shapes_root,
@@ -20,12 +22,16 @@ from .shapes import (
 register_shapes_datasets()
 
 __all__ = [
+    "CurriculumSampler",
     "DatasetNotRegisteredError",
     "DetrDatasetMapper",
+    "MultiImageAugmentation",
+    "build_curriculum_sampler",
     "SHAPES_CLASSES",
     "check_datasets_exist",
     "clip_and_filter_annotations",
     "default_shapes_root",
+    "difficulty_scores",
     "generate_shapes_dataset",
     "is_shapes_dataset",
     "prepare_shapes_dataset",

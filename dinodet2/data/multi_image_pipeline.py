@@ -97,7 +97,8 @@ class ObjectIndex:
 
     def __init__(self, dataset_dicts: Sequence[Dict], rare_class_power: float):
         images, annos, classes = [], [], []
-        for i, record in enumerate(dataset_dicts):
+        for i in range(len(dataset_dicts)):
+            record = dataset_dicts[i]
             for j, anno in enumerate(record.get("annotations", [])):
                 if not anno.get("iscrowd", 0):
                     images.append(i)
@@ -127,7 +128,8 @@ class MultiImageAugmentation:
     """Applies the enabled multi-image operations to a training sample.
 
     Args:
-        dataset_dicts: the training set (Detectron2 dataset dicts) extra images are drawn from.
+        dataset_dicts: the training set (Detectron2 dataset dicts, or the loader's
+            ``DatasetFromList`` of them) extra images are drawn from.
         image_format: ``INPUT.FORMAT``, how images are read.
         mosaic / mixup / cutmix / copy_paste: each None (off) or a dict of its parameters
             (``prob`` and the keyword arguments shown in :meth:`from_config`).
@@ -151,7 +153,10 @@ class MultiImageAugmentation:
                 raise ValueError("INPUT.AUG.COPY_PASTE.ENABLED needs annotated objects in DATASETS.TRAIN; found none.")
             logger.info("Copy-Paste draws from %d objects; class probabilities: %s", len(self.objects),
                         {int(c): round(float(p), 4) for c, p in zip(self.objects.classes, self.objects.class_probabilities)})
-        self.dataset = DatasetFromList(list(dataset_dicts), copy=True, serialize=True)
+        # Detectron2's serialised list (one pickled buffer, shared by forked workers); the training
+        # loader's own DatasetFromList is reused when given, so the dataset is held once.
+        self.dataset = (dataset_dicts if isinstance(dataset_dicts, DatasetFromList)
+                        else DatasetFromList(list(dataset_dicts), copy=False, serialize=True))
         self.active = True
 
     @classmethod

@@ -4,15 +4,14 @@ import os
 import weakref
 
 import torch
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetFromList, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import DetrDatasetMapper, check_datasets_exist, train_dataset_dicts
-from ..data.curriculum import build_curriculum_sampler
+from ..data import DetrDatasetMapper, build_curriculum_sampler, check_datasets_exist, train_dataset_dicts
 from .checkpoint import Dinodet2Checkpointer
 from .curriculum import CurriculumHook
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
@@ -115,7 +114,8 @@ class Trainer(DefaultTrainer):
         draw from the same dataset dicts) and, with ``CURRICULUM.SAMPLING.ENABLED``, the
         curriculum sampler at iteration ``start_iter``. ``strong_augmentation=False`` switches
         the multi-image augmentations off (see :class:`TrainLoaderScheduleHook`)."""
-        dataset = train_dataset_dicts(cfg)
+        dicts = train_dataset_dicts(cfg)
+        dataset = DatasetFromList(dicts, copy=False)  # serialised once; the mapper draws from it too
         mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
         if mapper.multi_image is not None and not strong_augmentation:
             mapper.multi_image.active = False
@@ -125,7 +125,7 @@ class Trainer(DefaultTrainer):
             if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
                 raise ValueError("CURRICULUM.SAMPLING.ENABLED replaces the training sampler; it cannot be combined "
                                  f"with DATALOADER.SAMPLER_TRAIN='{cfg.DATALOADER.SAMPLER_TRAIN}' (use 'TrainingSampler').")
-            sampler = build_curriculum_sampler(cfg, dataset, start_iter=start_iter)
+            sampler = build_curriculum_sampler(cfg, dicts, start_iter=start_iter)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
     @classmethod
