@@ -111,6 +111,8 @@ class DetrDatasetMapper(DatasetMapper):
              **({"weight": float(w)} if weighted else {})}
             for box, c, w in zip(sample.boxes, sample.classes, sample.weights)
         ]
+        # Slivers (<= MIN_BOX_SIZE px) that cutting boxes leaves are expected, not data errors: drop them silently.
+        annotations, _ = clip_and_filter_annotations(annotations, sample.width, sample.height)
         mapped = {k: copy.deepcopy(v) for k, v in dataset_dict.items() if k not in ("annotations", "sem_seg_file_name")}
         mapped["height"], mapped["width"] = sample.height, sample.width  # the (composite) input image
         mapped["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
