@@ -15,6 +15,7 @@ image and drops boxes that are too small or too little visible (``INPUT.AUG.MIN_
   each applied with probability ``PROB``.
 * horizontal flip: Detectron2's ``INPUT.RANDOM_FLIP``.
 """
+import math
 from typing import List
 
 import numpy as np
@@ -61,10 +62,11 @@ class RandomHue(T.Augmentation):
         return ColorTransform(lambda img: _rotate_hue(img, angle))
 
 
-def _range(values, key):
+def check_range(values, key, low=0.0, high=math.inf):
+    """``values`` as a float pair ``(lo, hi)`` with ``low <= lo <= hi <= high``; else a ValueError naming ``key``."""
     values = tuple(float(v) for v in values)
-    if len(values) != 2 or values[0] > values[1] or values[0] < 0:
-        raise ValueError(f"{key} must be (low, high) with 0 <= low <= high, got {values}.")
+    if len(values) != 2 or not low <= values[0] <= values[1] <= high:
+        raise ValueError(f"{key} must be (low, high) with {low:g} <= low <= high <= {high:g}, got {values}.")
     return values
 
 
@@ -75,11 +77,11 @@ def build_train_augmentations(cfg) -> List[T.Augmentation]:
         raise ValueError("INPUT.AUG.LSJ and INPUT.AUG.DETR_CROP both replace the resize; enable one of them.")
     augs = build_augmentation(cfg, True)  # [ResizeShortestEdge, RandomFlip?]
     if aug.LSJ.ENABLED:
-        lo, hi = _range(aug.LSJ.SCALE_RANGE, "INPUT.AUG.LSJ.SCALE_RANGE")
+        lo, hi = check_range(aug.LSJ.SCALE_RANGE, "INPUT.AUG.LSJ.SCALE_RANGE")
         size = int(aug.LSJ.SIZE)
         augs = [T.ResizeScale(lo, hi, size, size), T.FixedSizeCrop((size, size), pad=True)] + augs[1:]
     if aug.DETR_CROP.ENABLED:
-        lo, hi = _range(aug.DETR_CROP.CROP_SIZE, "INPUT.AUG.DETR_CROP.CROP_SIZE")
+        lo, hi = check_range(aug.DETR_CROP.CROP_SIZE, "INPUT.AUG.DETR_CROP.CROP_SIZE")
         crop = T.AugmentationList([
             T.ResizeShortestEdge(list(aug.DETR_CROP.RESIZE_SIZES), sample_style="choice"),
             T.RandomCrop("absolute_range", (int(lo), int(hi))),
@@ -88,9 +90,9 @@ def build_train_augmentations(cfg) -> List[T.Augmentation]:
     p = aug.PHOTOMETRIC
     if p.ENABLED:
         photometric = [
-            T.RandomApply(T.RandomBrightness(*_range(p.BRIGHTNESS, "INPUT.AUG.PHOTOMETRIC.BRIGHTNESS")), p.PROB),
-            T.RandomApply(T.RandomContrast(*_range(p.CONTRAST, "INPUT.AUG.PHOTOMETRIC.CONTRAST")), p.PROB),
-            T.RandomApply(T.RandomSaturation(*_range(p.SATURATION, "INPUT.AUG.PHOTOMETRIC.SATURATION")), p.PROB),
+            T.RandomApply(T.RandomBrightness(*check_range(p.BRIGHTNESS, "INPUT.AUG.PHOTOMETRIC.BRIGHTNESS")), p.PROB),
+            T.RandomApply(T.RandomContrast(*check_range(p.CONTRAST, "INPUT.AUG.PHOTOMETRIC.CONTRAST")), p.PROB),
+            T.RandomApply(T.RandomSaturation(*check_range(p.SATURATION, "INPUT.AUG.PHOTOMETRIC.SATURATION")), p.PROB),
             T.RandomApply(RandomHue(p.HUE), p.PROB),
         ]
         augs = photometric + augs

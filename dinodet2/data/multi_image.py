@@ -30,6 +30,7 @@ __all__ = [
     "Sample",
     "copy_paste",
     "cutmix",
+    "fit_inside",
     "mixup",
     "mosaic",
     "occlude_boxes",
@@ -117,6 +118,12 @@ def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
+def fit_inside(h: int, w: int, outer_h: int, outer_w: int) -> Tuple[int, int]:
+    """Size of an ``h`` x ``w`` image resized, keeping its aspect ratio, to fit ``outer_h`` x ``outer_w``."""
+    h2, w2 = _scaled_size(h, w, min(outer_h / h, outer_w / w))
+    return min(h2, outer_h), min(w2, outer_w)
+
+
 def occlude_boxes(sample: Sample, cover: np.ndarray, min_box_size: float = 0.0,
                   min_visibility: float = 0.0) -> Sample:
     """Reduce ``sample``'s boxes to their pixels not in the boolean ``cover`` mask (HxW).
@@ -198,9 +205,7 @@ def mixup(first: Sample, second: Sample, ratio: float, offset: Tuple[int, int] =
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"mixup ratio must be in [0, 1], got {ratio}")
-    scale = min(first.height / second.height, first.width / second.width)
-    h, w = _scaled_size(second.height, second.width, scale)
-    h, w = min(h, first.height), min(w, first.width)
+    h, w = fit_inside(second.height, second.width, first.height, first.width)
     second = resize_sample(second, h, w)
     ox, oy = int(offset[0]), int(offset[1])
     if not (0 <= ox <= first.width - w and 0 <= oy <= first.height - h):

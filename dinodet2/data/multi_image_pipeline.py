@@ -23,8 +23,9 @@ from detectron2.data.common import DatasetFromList
 from detectron2.structures import BoxMode
 from detectron2.structures.masks import polygons_to_bitmask
 
+from .augmentations import check_range
 from .box_filters import clip_and_filter_annotations
-from .multi_image import PasteObject, Sample, copy_paste, cutmix, mixup, mosaic
+from .multi_image import PasteObject, Sample, copy_paste, cutmix, fit_inside, mixup, mosaic
 
 __all__ = ["MultiImageAugmentation", "ObjectIndex", "cut_object", "read_sample"]
 
@@ -39,13 +40,6 @@ def _probability(value, key):
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{key} must be a probability in [0, 1], got {value}.")
     return value
-
-
-def _range(values, key, low=0.0, high=math.inf):
-    values = tuple(float(v) for v in values)
-    if len(values) != 2 or not low <= values[0] <= values[1] <= high:
-        raise ValueError(f"{key} must be (low, high) with {low} <= low <= high <= {high}, got {values}.")
-    return values
 
 
 def _decode_mask(segmentation, height: int, width: int) -> Optional[np.ndarray]:
@@ -169,24 +163,21 @@ class MultiImageAugmentation:
                 raise ValueError(f"INPUT.AUG.MOSAIC.SIZE must be >= 2 pixels, got {aug.MOSAIC.SIZE}.")
             ops["mosaic"] = {"prob": _probability(aug.MOSAIC.PROB, "INPUT.AUG.MOSAIC.PROB"),
                              "size": int(aug.MOSAIC.SIZE),
-                             "center_range": _range(aug.MOSAIC.CENTER_RANGE, "INPUT.AUG.MOSAIC.CENTER_RANGE", 0.0, 2.0)}
-            if not 0 < ops["mosaic"]["center_range"][0] or not ops["mosaic"]["center_range"][1] < 2:
-                raise ValueError("INPUT.AUG.MOSAIC.CENTER_RANGE must lie strictly inside (0, 2) (fractions of SIZE on "
-                                 f"the 2*SIZE canvas), got {tuple(aug.MOSAIC.CENTER_RANGE)}.")
+                             "center_range": check_range(aug.MOSAIC.CENTER_RANGE, "INPUT.AUG.MOSAIC.CENTER_RANGE", 0.0, 2.0)}
         if aug.MIXUP.ENABLED:
             if float(aug.MIXUP.ALPHA) <= 0:
                 raise ValueError(f"INPUT.AUG.MIXUP.ALPHA must be > 0 (Beta(ALPHA, ALPHA) blend ratio), got {aug.MIXUP.ALPHA}.")
             ops["mixup"] = {"prob": _probability(aug.MIXUP.PROB, "INPUT.AUG.MIXUP.PROB"),
                             "alpha": float(aug.MIXUP.ALPHA), "label_weighting": bool(aug.MIXUP.LABEL_WEIGHTING)}
         if aug.CUTMIX.ENABLED:
-            area = _range(aug.CUTMIX.AREA_RANGE, "INPUT.AUG.CUTMIX.AREA_RANGE", 0.0, 1.0)
+            area = check_range(aug.CUTMIX.AREA_RANGE, "INPUT.AUG.CUTMIX.AREA_RANGE", 0.0, 1.0)
             if area[1] <= 0:
                 raise ValueError(f"INPUT.AUG.CUTMIX.AREA_RANGE must allow an area > 0, got {area}.")
             ops["cutmix"] = {"prob": _probability(aug.CUTMIX.PROB, "INPUT.AUG.CUTMIX.PROB"), "area_range": area}
         if aug.COPY_PASTE.ENABLED:
             if int(aug.COPY_PASTE.MAX_OBJECTS) < 1:
                 raise ValueError(f"INPUT.AUG.COPY_PASTE.MAX_OBJECTS must be >= 1, got {aug.COPY_PASTE.MAX_OBJECTS}.")
-            scale = _range(aug.COPY_PASTE.SCALE_RANGE, "INPUT.AUG.COPY_PASTE.SCALE_RANGE")
+            scale = check_range(aug.COPY_PASTE.SCALE_RANGE, "INPUT.AUG.COPY_PASTE.SCALE_RANGE")
             if scale[0] <= 0:
                 raise ValueError(f"INPUT.AUG.COPY_PASTE.SCALE_RANGE must be > 0, got {scale}.")
             ops["copy_paste"] = {"prob": _probability(aug.COPY_PASTE.PROB, "INPUT.AUG.COPY_PASTE.PROB"),
@@ -253,9 +244,7 @@ class MultiImageAugmentation:
         if other is None:
             return sample
         ratio = float(rng.beta(self.mixup_args["alpha"], self.mixup_args["alpha"]))
-        scale = min(sample.height / other.height, sample.width / other.width)
-        h = min(max(1, int(round(other.height * scale))), sample.height)
-        w = min(max(1, int(round(other.width * scale))), sample.width)
+        h, w = fit_inside(other.height, other.width, sample.height, sample.width)
         offset = (rng.randint(sample.width - w + 1), rng.randint(sample.height - h + 1))
         return mixup(sample, other, ratio, offset, self.pad_value, self.mixup_args["label_weighting"])
 
