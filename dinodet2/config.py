@@ -9,7 +9,7 @@ Keys are grouped by the component they configure:
 * ``MODEL.DETR``    -- the DETR meta-architecture: transformer, matcher, losses
 * ``INPUT.AUG``     -- single- and multi-image training augmentations
 * ``CURRICULUM``    -- easy-to-hard sampling, query ramp-up, staged matching
-* ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options
+* ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options, non-finite steps
 """
 from detectron2.config import CfgNode as CN
 
@@ -318,6 +318,12 @@ def add_dinodet2_config(cfg):
     _C.SOLVER.CHECKPOINT_TRAINABLE_ONLY = False
     # Pass find_unused_parameters=True to DistributedDataParallel.
     _C.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
+    # A step whose loss or gradients are NaN/inf: "stop" (raise before the optimizer step, so the
+    # weights and the last checkpoint stay finite) or "skip" (drop the step's gradients; stop after
+    # MAX_CONSECUTIVE_SKIPS skipped steps in a row).
+    _C.SOLVER.NONFINITE = CN()
+    _C.SOLVER.NONFINITE.POLICY = "stop"
+    _C.SOLVER.NONFINITE.MAX_CONSECUTIVE_SKIPS = 10
 
     return cfg
 

@@ -50,15 +50,13 @@ def test_strong_augmentation_goes_off_at_the_scheduled_iteration():
     assert strong == [1.0] * 6 + [0.0] * 2
 
 
-@pytest.mark.parametrize("start_iter, curriculum, expected", [
-    (3, False, [(6, False)]),                 # nothing to rebuild before the switch
-    (3, True, [(3, True), (6, False)]),       # curriculum sampler restarts at its stage
-    (7, False, [(7, False)]),                 # resumed after the switch: off from the first step
-    (0, True, [(6, False)]),                  # fresh run: the loader built in __init__ is right
+@pytest.mark.parametrize("start_iter, expected", [
+    (3, [(3, True), (6, False)]),       # resumed: the stream restarts at the resumed batch
+    (7, [(7, False)]),                  # resumed after the switch: off from the first step
+    (0, [(6, False)]),                  # fresh run: the loader built in __init__ is right
 ])
-def test_resume_rebuilds_the_loader_in_the_right_state(start_iter, curriculum, expected):
-    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=6,
-                                   curriculum_sampler=curriculum)
+def test_resume_rebuilds_the_loader_in_the_right_state(start_iter, expected):
+    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=6)
     resets, _ = _run(hook, start_iter, 8)
     assert resets == expected
 
@@ -120,10 +118,11 @@ def test_trainer_applies_every_schedule_and_resumes_them(tiny_cfg, tmp_path):
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3
     resumed.train()
+    # The checkpoint carries the logged history, so the resumed run's history is the whole run's.
     strong = [v for v, _ in sorted(resumed.storage.history("data/strong_augmentation").values(), key=lambda p: p[1])]
-    assert strong == [1, 0, 0]
+    assert strong == [1, 1, 1, 1, 0, 0]
     queries = [v for v, _ in sorted(resumed.storage.history("curriculum/num_queries").values(), key=lambda p: p[1])]
-    assert queries == [9, 10, 10]
+    assert queries == [4, 6, 7, 9, 10, 10]
 
 
 def test_augmentation_grid_tool_writes_a_png(tmp_path):
@@ -146,6 +145,6 @@ def test_augmentation_grid_tool_writes_a_png(tmp_path):
 
 
 def test_no_strong_augmentation_scalar_without_a_switch_off():
-    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=None, curriculum_sampler=True)
+    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=None)
     resets, strong = _run(hook, 2, 4)
     assert resets == [(2, True)] and strong == []

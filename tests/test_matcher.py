@@ -191,18 +191,22 @@ def test_low_precision_inputs_match_float32(dtype: torch.dtype, class_loss: str)
 
 
 @pytest.mark.parametrize("bad", ["nan_box", "inf_box", "nan_logit"])
-def test_non_finite_predictions_raise_clear_error(bad: str):
+def test_non_finite_predictions_are_matched_last(bad: str):
+    """A diverged prediction must not crash the matcher (the trainer's non-finite guard reports the
+    step); it gets the worst cost, so a finite prediction takes the target."""
     logits, boxes = torch.zeros(1, 3, 3), torch.full((1, 3, 4), 0.3)
+    bad_query = {"nan_box": 1, "inf_box": 0, "nan_logit": 2}[bad]
     if bad == "nan_box":
         boxes[0, 1, 2] = float("nan")
     elif bad == "inf_box":
-        boxes[0, 0, 0] = float("inf")
+        boxes[0, 0, 3] = float("inf")
     else:
         logits[0, 2, 1] = float("nan")
+    boxes[0, bad_query, :2] = 0.5  # the bad query would be the best match if it were finite
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
 
-    with pytest.raises(ValueError, match="NaN/inf"):
-        HungarianMatcher()(logits, boxes, targets)
+    (pred_idx, tgt_idx), = HungarianMatcher()(logits, boxes, targets)
+    assert tgt_idx.tolist() == [0] and pred_idx.item() != bad_query
 
 
 @pytest.mark.parametrize(

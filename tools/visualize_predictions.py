@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Draw a model's predictions on images of a registered dataset (PNG files), with Detectron2's
-DefaultPredictor and Visualizer.
+DefaultPredictor and Visualizer. ``MODEL.WEIGHTS`` is loaded by ``Dinodet2Checkpointer`` (no code
+runs from the file; LoRA and trainable-only checkpoints load as in training).
 
     python tools/visualize_predictions.py --config-file configs/Demo/detr_shapes_tiny.yaml \
         --output output/demo/predictions MODEL.WEIGHTS output/demo/model_final.pth
@@ -19,6 +20,19 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from dinodet2 import add_dinodet2_config  # noqa: E402
 from dinodet2.data import check_datasets_exist  # noqa: E402
+from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
+
+
+def build_predictor(cfg):
+    """DefaultPredictor (preprocessing, single-image inference) with the weights loaded by
+    Dinodet2Checkpointer instead of Detectron2's checkpointer (which unpickles .pkl files)."""
+    without_weights = cfg.clone()
+    without_weights.defrost()
+    without_weights.MODEL.WEIGHTS = ""
+    without_weights.freeze()
+    predictor = DefaultPredictor(without_weights)
+    Dinodet2Checkpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
+    return predictor
 
 
 def main(argv=None):
@@ -38,7 +52,7 @@ def main(argv=None):
     cfg.freeze()
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     check_datasets_exist([dataset])
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg)
     metadata = MetadataCatalog.get(dataset)
     os.makedirs(args.output, exist_ok=True)
     for record in DatasetCatalog.get(dataset)[: args.num_images]:

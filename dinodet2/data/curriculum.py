@@ -245,16 +245,17 @@ class CurriculumSampler(Sampler):
                 position += 1
 
 
-def build_curriculum_sampler(cfg, dataset_dicts: Sequence[dict], start_iter: int = 0) -> CurriculumSampler:
+def build_curriculum_sampler(cfg, dataset_dicts: Sequence[dict], start_iter: int = 0,
+                             seed: Optional[int] = None) -> CurriculumSampler:
     """A :class:`CurriculumSampler` for ``dataset_dicts`` from ``cfg.CURRICULUM.SAMPLING`` and
-    ``cfg.SOLVER.IMS_PER_BATCH`` (seed shared by all ranks; call it on every rank).
+    ``cfg.SOLVER.IMS_PER_BATCH`` (``seed``, or one shared by all ranks if None; call it on every rank).
 
     ``dataset_dicts`` must be the very list (same order) the training loader indexes.
     """
     c = cfg.CURRICULUM.SAMPLING
     scores = difficulty_scores(dataset_dicts, tuple(c.DIFFICULTY_WEIGHTS), c.SMALL_AREA)
     sampler = CurriculumSampler(scores, cfg.SOLVER.IMS_PER_BATCH, c.START_FRACTION, c.RAMP_ITERS,
-                                c.SCHEDULE, start_iter=start_iter)
+                                c.SCHEDULE, start_iter=start_iter, seed=seed)
     logger.info(
         "Curriculum sampling over %d images: difficulty min %.3f / median %.3f / mean %.3f / max %.3f "
         "(%d scoring 0); pool at iteration %d: %d images, growing (%s) to all by iteration %d.",

@@ -1,12 +1,20 @@
-"""A DetectionCheckpointer that understands peft's LoRA parameter names and can write small
-trainable-only ("adapter") checkpoints."""
+"""Dinodet2's checkpointer: Detectron2's ``DetectionCheckpointer`` that understands peft's LoRA
+parameter names, can write small trainable-only ("adapter") checkpoints, reads weights files
+without executing code (:mod:`.weights_file`), writes checkpoints atomically (:mod:`.atomic_file`),
+refuses to write non-finite weights and resumes from the newest readable checkpoint."""
 import logging
+import math
 import os
-from typing import Any, Dict
+import re
+from typing import Any, BinaryIO, Callable, Dict, List
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _strip_prefix_if_present
+
+from .atomic_file import remove_interrupted_writes, write_atomically
+from .weights_file import WeightsFileError, read_checkpoint_file, require_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +67,29 @@ def trainable_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
+def find_non_finite_tensors(data: Any, prefix: str = "") -> List[str]:
+    """Keys of the floating-point tensors in ``data`` (nested dicts / lists / tuples, e.g. a
+    checkpoint) that hold a NaN or an infinity, as ``model/<name>`` or ``optimizer/state/3/exp_avg``."""
+    found = []
+    if isinstance(data, torch.Tensor):
+        if (data.is_floating_point() or data.is_complex()) and not bool(torch.isfinite(data).all()):
+            found.append(prefix)
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            found += find_non_finite_tensors(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            found += find_non_finite_tensors(value, f"{prefix}/{index}" if prefix else str(index))
+    return found
+
+
+# What Detectron2's PeriodicCheckpointer writes: model_<iteration, 7 digits>.pth and model_final.pth.
+_PERIODIC_CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
+
+
 class Dinodet2Checkpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` + LoRA key remapping + optional trainable-only checkpoints.
+    """``DetectionCheckpointer`` + LoRA key remapping + optional trainable-only checkpoints +
+    safe reading, atomic writing and a resume that survives a broken last checkpoint.
 
     With ``trainable_only=True`` (``SOLVER.CHECKPOINT_TRAINABLE_ONLY``) ``save`` writes only
     :func:`trainable_state_dict` (megabytes for a LoRA-tuned dinov2-base detector instead of
@@ -70,6 +99,19 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     DINOv2 the config loads, and refuses it if a missing weight is one that trains. A randomly
     initialised DINOv2 (``MODEL.DINOV2.RANDOM_INIT``) cannot be rebuilt, so for it checkpoints
     stay complete.
+
+    Reading: every file goes through :func:`.weights_file.read_checkpoint_file` (``.pkl`` with an
+    unpickler that only rebuilds numpy arrays, everything else with ``torch.load(weights_only=True)``);
+    a missing or unreadable file raises :class:`.weights_file.WeightsFileError`.
+
+    Writing (both modes): nothing is written if a floating-point tensor of the checkpoint (model,
+    optimizer, scheduler, ...) is NaN or infinite (``FloatingPointError``); otherwise the file and
+    then ``last_checkpoint`` are replaced atomically (:func:`.atomic_file.write_atomically`; a
+    ``://`` save dir is written through ``path_manager`` as before).
+
+    ``resume_or_load(path, resume=True)`` first removes temporary files of interrupted writes from
+    the save dir (main process), then, if ``last_checkpoint`` names a file that is missing or
+    unreadable, warns and resumes from the newest readable ``model_*.pth`` instead.
     """
 
     def __init__(self, model, save_dir: str = "", *, trainable_only: bool = False, cfg=None, **kwargs):
@@ -80,25 +122,139 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
             trainable_only = False
         self.trainable_only = trainable_only
         self.cfg = cfg
+        self._probed = None  # (path, contents) of the file resume_or_load chose, read once
 
+    # ------------------------------------------------------------------------------------------
+    # writing
+    # ------------------------------------------------------------------------------------------
     def save(self, name: str, **kwargs: Any) -> None:
-        if not self.trainable_only:
-            return super().save(name, **kwargs)
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": trainable_state_dict(self.model), "dinodet2_format": TRAINABLE_ONLY}
-        if self.cfg is not None:
-            data["config"] = self.cfg.dump()
+        if self.trainable_only:
+            data = {"model": trainable_state_dict(self.model), "dinodet2_format": TRAINABLE_ONLY}
+            if self.cfg is not None:
+                data["config"] = self.cfg.dump()
+        else:
+            data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving trainable-only checkpoint (%d tensors) to %s", len(data["model"]), save_file)
-        with self.path_manager.open(save_file, "wb") as f:
-            torch.save(data, f)
+        self._refuse_non_finite(data, save_file)
+        if self.trainable_only:
+            self.logger.info("Saving trainable-only checkpoint (%d tensors) to %s", len(data["model"]), save_file)
+        else:
+            self.logger.info("Saving checkpoint to %s", save_file)
+        self._write_file(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        self._write_file(os.path.join(self.save_dir, "last_checkpoint"),
+                         lambda f: f.write(last_filename_basename.encode()))
+
+    def _write_file(self, path: str, write: Callable[[BinaryIO], None]) -> None:
+        if "://" in self.save_dir:  # a remote path_manager folder: no local rename to rely on
+            with self.path_manager.open(path, "wb") as f:
+                write(f)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomically(path, write)
+
+    def _refuse_non_finite(self, data: Dict, save_file: str) -> None:
+        bad = find_non_finite_tensors(data)
+        if not bad:
+            return
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        kept = (f"the previous checkpoint {previous} (named by last_checkpoint) is kept and --resume will continue "
+                "from it" if previous else f"there is no earlier checkpoint in {self.save_dir} to resume from")
+        raise FloatingPointError(
+            f"Refusing to write checkpoint {save_file}: {len(bad)} tensors hold NaN or Inf values "
+            f"(e.g. {', '.join(bad[:5])}), so the training has diverged. Nothing was written; {kept}. "
+            "Lower SOLVER.BASE_LR or clip gradients harder (SOLVER.CLIP_GRADIENTS) before resuming.")
+
+    # ------------------------------------------------------------------------------------------
+    # reading
+    # ------------------------------------------------------------------------------------------
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        try:
+            if path and "://" not in path:
+                # Detectron2 strips a "?matching_heuristics=True" query the same way before reading.
+                require_weights_file(urlparse(path)._replace(query="").geturl())
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._probed = None
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith((".pkl", ".pyth")):
+            return self._read(filename)
+        # Detectron2 reads the file with self._torch_load, wraps a bare state dict as {"model": ...}
+        # and applies a "?matching_heuristics=True" query.
+        return super()._load_file(filename)
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        return self._read(f)
+
+    def _read(self, filename: str) -> Dict[str, Any]:
+        probed, self._probed = self._probed, None
+        if probed is not None and probed[0] == filename:
+            return probed[1]
+        return read_checkpoint_file(filename)
+
+    # ------------------------------------------------------------------------------------------
+    # resuming
+    # ------------------------------------------------------------------------------------------
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        local_save_dir = bool(self.save_dir) and "://" not in self.save_dir
+        if resume and local_save_dir and self.save_to_disk:
+            remove_interrupted_writes(self.save_dir)
+        if not (resume and local_save_dir and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        return self.load(self._newest_readable_checkpoint())
+
+    def _checkpoints_newest_first(self) -> List[str]:
+        """``model_<iter>.pth`` by iteration, ``model_final.pth`` first; ties by modification time."""
+        def age(path):
+            iteration = _PERIODIC_CHECKPOINT.match(os.path.basename(path)).group(1)
+            return (math.inf if iteration == "final" else int(iteration), os.path.getmtime(path))
+
+        files = [p for p in self.get_all_checkpoint_files() if _PERIODIC_CHECKPOINT.match(os.path.basename(p))]
+        return sorted(files, key=age, reverse=True)
+
+    def _probe(self, path: str) -> None:
+        self._probed = (path, read_checkpoint_file(path))
+
+    def _newest_readable_checkpoint(self) -> str:
+        """The file last_checkpoint names if it can be read, else the newest readable checkpoint of
+        the save dir (read once: its contents wait in ``self._probed`` for :meth:`load`)."""
+        last = self.get_checkpoint_file()
+        try:
+            self._probe(last)
+            return last
+        except WeightsFileError as e:
+            failures = {last: e}
+            logger.warning("Cannot resume from %s (named by %s): %s", last,
+                           os.path.join(self.save_dir, "last_checkpoint"), e)
+        for candidate in self._checkpoints_newest_first():
+            if os.path.normpath(candidate) == os.path.normpath(last):
+                continue
+            try:
+                self._probe(candidate)
+            except WeightsFileError as e:
+                failures[candidate] = e
+                logger.warning("Cannot resume from %s either: %s", candidate, e)
+                continue
+            logger.warning("Resuming from %s instead: the newest readable checkpoint in %s.", candidate, self.save_dir)
+            return candidate
+        listing = "\n".join(f"  {p}: {e}" for p, e in failures.items())
+        raise WeightsFileError(
+            f"Cannot resume from {self.save_dir}: no checkpoint in it can be read.\n{listing}\n"
+            f"Put a good checkpoint back into {self.save_dir} (and its name into last_checkpoint), or delete "
+            f"{os.path.join(self.save_dir, 'last_checkpoint')} to start again from MODEL.WEIGHTS.")
+
+    # ------------------------------------------------------------------------------------------
+    # loading into the model
+    # ------------------------------------------------------------------------------------------
     def _load_model(self, checkpoint):
         if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics", False):
             _strip_prefix_if_present(checkpoint["model"], "module.")  # checkpoints of DDP-wrapped models
@@ -118,7 +274,7 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
                 f"This trainable-only checkpoint lacks {len(bad)} weights that train in the model built from "
                 f"the current config (e.g. '{bad[0]}'); it was saved with different MODEL.LORA / "
                 "MODEL.DINOV2.FREEZE / UNFREEZE_* settings. Use the config stored in the checkpoint "
-                "(torch.load(path)['config']).")
+                "(torch.load(path, weights_only=True)['config']).")
         logger.info("Trainable-only checkpoint: %d frozen weights come from the pretrained backbone (%s).",
                     len(missing), "MODEL.DINOV2.NAME")
         return {**{k: own[k] for k in missing}, **state}

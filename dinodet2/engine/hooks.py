@@ -50,23 +50,21 @@ class AdaLoraBudgetHook(HookBase):
 
 
 class TrainLoaderScheduleHook(HookBase):
-    """Keeps the training data loader in step with the iteration: switches the strong multi-image
-    augmentations off for the last iterations and puts a curriculum sampler at the right stage.
+    """Keeps the training data loader in step with the iteration: starts it at the resumed
+    iteration and switches the strong multi-image augmentations off for the last iterations.
 
     Data loading runs in worker processes that see neither the trainer nor its iteration, so a
     state change means a new loader: ``build_loader(start_iter, strong_augmentation)`` is handed
     to Detectron2's ``SimpleTrainer.reset_data_loader`` (new workers, forked with the new state)
-    at iteration ``strong_off_iter`` (YOLOX's "no-aug" epochs) and, when training resumes at
-    iteration > 0, before the first step -- so resumed runs continue with the same state and
-    curriculum stage as uninterrupted ones. With a switch-off iteration, the current state is logged
-    as ``data/strong_augmentation`` (1 on, 0 off).
+    when training resumes at iteration > 0, before the first step (the loader is a function of the
+    run's seed and the iteration, so a resumed run sees the batches an uninterrupted one sees), and
+    at iteration ``strong_off_iter`` (YOLOX's "no-aug" epochs). With a switch-off iteration, the
+    current state is logged as ``data/strong_augmentation`` (1 on, 0 off).
     """
 
-    def __init__(self, build_loader: Callable[[int, bool], object], strong_off_iter: Optional[int] = None,
-                 curriculum_sampler: bool = False):
+    def __init__(self, build_loader: Callable[[int, bool], object], strong_off_iter: Optional[int] = None):
         self.build_loader = build_loader
         self.strong_off_iter = strong_off_iter
-        self.curriculum_sampler = curriculum_sampler
         self._strong = True
 
     def _strong_at(self, iteration: int) -> bool:
@@ -81,7 +79,7 @@ class TrainLoaderScheduleHook(HookBase):
     def before_train(self):
         start = self.trainer.iter
         strong = self._strong_at(start)
-        if start > 0 and (self.curriculum_sampler or not strong):
+        if start > 0:
             self._reset(start, strong)
         self._strong = strong
 

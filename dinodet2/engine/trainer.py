@@ -4,17 +4,20 @@ import os
 import weakref
 
 import torch
-from detectron2.data import DatasetFromList, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetFromList, build_batch_data_loader, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import DetrDatasetMapper, build_curriculum_sampler, check_datasets_exist, train_dataset_dicts
+from ..data import DetrDatasetMapper, check_datasets_exist, train_dataset_dicts
+from ..data.train_stream import SeededMapDataset, TrainStream, aspect_ratio_groups, build_index_sampler
 from .checkpoint import Dinodet2Checkpointer
 from .curriculum import CurriculumHook
+from .exact_resume import ExactResumeHook, resolve_run_seed
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
+from .nonfinite import NonFiniteStepGuard, guarded_trainer_class
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "check_amp_available", "prepare_datasets", "strong_augmentation_off_iter", "wrap_ddp"]
@@ -61,7 +64,10 @@ def prepare_datasets(dataset_names) -> None:
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer + COCOEvaluator, AdamW parameter groups, DETR's mapper, CPU-capable DDP,
-    LoRA-aware checkpointing and a clear AMP-on-CPU error."""
+    LoRA-aware checkpointing, a clear AMP-on-CPU error, steps guarded against non-finite values
+    (:mod:`.nonfinite`) and exact resume: the data stream, augmentations and per-step randomness
+    are functions of the run's seed and the iteration (:mod:`dinodet2.data.train_stream`,
+    :mod:`.exact_resume`)."""
 
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__, except how the model is wrapped for DDP and
@@ -72,12 +78,13 @@ class Trainer(DefaultTrainer):
         check_amp_available(cfg)
         prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.seed = resolve_run_seed(cfg)  # replaced by the checkpoint's on --resume
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader = self.build_train_loader(cfg, seed=self.seed)
         model = wrap_ddp(cfg, model)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        trainer_cls = guarded_trainer_class(AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)
+        self._trainer = trainer_cls(model, data_loader, optimizer, guard=NonFiniteStepGuard.from_config(cfg))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Dinodet2Checkpointer(model, cfg.OUTPUT_DIR, trainable_only=cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY,
                                                  cfg=cfg, trainer=weakref.proxy(self))
@@ -85,23 +92,25 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+        # DefaultTrainer's hooks live on this object, but the inner trainer's run_step calls
+        # after_backward on its own (empty) list: share the list so HookBase.after_backward works.
+        self._trainer._hooks = self._hooks
 
     def build_hooks(self):
         # Inserted right after IterationTimer: before the writers (their scalars get written) and,
         # for CurriculumHook, before EvalHook (its after_train restores every query first).
         hooks = super().build_hooks()
         cfg = self.cfg
+        hooks.insert(0, ExactResumeHook(lambda: self.seed, lambda seed: setattr(self, "seed", seed)))
         if cfg.MODEL.LORA.ENABLED and cfg.MODEL.LORA.ADALORA.ENABLED:
             hooks.insert(1, AdaLoraBudgetHook(self.model, cfg.OUTPUT_DIR))
         curriculum = CurriculumHook.from_config(cfg, self.model)
         if curriculum is not None:
             hooks.insert(1, curriculum)
-        strong_off_iter = strong_augmentation_off_iter(cfg)
-        if strong_off_iter is not None or cfg.CURRICULUM.SAMPLING.ENABLED:
-            hooks.insert(1, TrainLoaderScheduleHook(
-                lambda start_iter, strong: self.build_train_loader(cfg, start_iter=start_iter,
-                                                                   strong_augmentation=strong),
-                strong_off_iter=strong_off_iter, curriculum_sampler=cfg.CURRICULUM.SAMPLING.ENABLED))
+        hooks.insert(1, TrainLoaderScheduleHook(
+            lambda start_iter, strong: self.build_train_loader(cfg, start_iter=start_iter, strong_augmentation=strong,
+                                                               seed=self.seed),
+            strong_off_iter=strong_augmentation_off_iter(cfg)))
         return hooks
 
     @classmethod
@@ -109,28 +118,40 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter: int = 0, strong_augmentation: bool = True):
-        """Detectron2's train loader with :class:`DetrDatasetMapper` (multi-image augmentations
-        draw from the same dataset dicts) and, with ``CURRICULUM.SAMPLING.ENABLED``, the
-        curriculum sampler at iteration ``start_iter``. ``strong_augmentation=False`` switches
-        the multi-image augmentations off (see :class:`TrainLoaderScheduleHook`)."""
+    def build_train_loader(cls, cfg, start_iter: int = 0, strong_augmentation: bool = True, seed=None):
+        """The training loader from batch ``start_iter`` on, a function of ``seed`` (default:
+        ``SEED``, or a random one shared by all ranks if it is negative) and the iteration only.
+
+        Detectron2's batch loader over a :class:`TrainStream` of ``DATALOADER.SAMPLER_TRAIN``'s
+        indices (or the curriculum sampler's), grouped by aspect ratio with
+        ``DATALOADER.ASPECT_RATIO_GROUPING``, mapped by :class:`DetrDatasetMapper` with per-sample
+        seeds (:class:`SeededMapDataset`; multi-image augmentations draw from the same dataset).
+        ``strong_augmentation=False`` switches the multi-image augmentations off (see
+        :class:`TrainLoaderScheduleHook`)."""
+        seed = resolve_run_seed(cfg) if seed is None else int(seed)
         dicts = train_dataset_dicts(cfg)
         dataset = DatasetFromList(dicts, copy=False)  # serialised once; the mapper draws from it too
         mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
         if mapper.multi_image is not None and not strong_augmentation:
             mapper.multi_image.active = False
             logging.getLogger(__name__).info("Multi-image augmentations are off from iteration %d on.", start_iter)
-        sampler = None
-        if cfg.CURRICULUM.SAMPLING.ENABLED:
-            if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-                raise ValueError("CURRICULUM.SAMPLING.ENABLED replaces the training sampler; it cannot be combined "
-                                 f"with DATALOADER.SAMPLER_TRAIN='{cfg.DATALOADER.SAMPLER_TRAIN}' (use 'TrainingSampler').")
-            sampler = build_curriculum_sampler(cfg, dicts, start_iter=start_iter)
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+        world_size = comm.get_world_size()
+        batch_size = cfg.SOLVER.IMS_PER_BATCH // world_size
+        groups = aspect_ratio_groups(dicts) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
+        stream = TrainStream(build_index_sampler(cfg, dicts, seed), batch_size, groups, start_iter=start_iter)
+        return build_batch_data_loader(SeededMapDataset(dataset, mapper, seed), stream, cfg.SOLVER.IMS_PER_BATCH,
+                                       aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                       seed=seed)  # its own generator: starting it draws nothing from torch's
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+        """Detectron2's test loader with :class:`DetrDatasetMapper`, over the dataset's dicts checked
+        by :func:`eval_dataset_dicts` (not empty; ``MODEL.DETR.NUM_CLASSES`` covers its categories)."""
+        from ..data import eval_dataset_dicts
+
+        return build_detection_test_loader(eval_dataset_dicts(cfg, dataset_name),
+                                           mapper=DetrDatasetMapper(cfg, is_train=False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

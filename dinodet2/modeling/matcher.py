@@ -27,6 +27,8 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 CLASS_LOSSES = ("ce", "focal", "varifocal")
 MATCHING_STAGES = ("l1", "boxes", "full")
+# Cost given to NaN/inf entries of the cost matrix: larger than any finite cost the terms produce.
+NON_FINITE_COST = 1e8
 
 
 class HungarianMatcher(nn.Module):
@@ -154,12 +156,10 @@ class HungarianMatcher(nn.Module):
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
 
         cost = self._cost(logits, boxes, tgt_ids, tgt_boxes).view(batch_size, num_queries, -1).cpu()
-        if not torch.isfinite(cost).all():
-            raise ValueError(
-                "HungarianMatcher got a non-finite (NaN/inf) matching cost: the predictions "
-                "(pred_logits / pred_boxes) or target boxes contain NaN/inf values (training has "
-                "probably diverged), or a predicted and a target box both have zero area."
-            )
+        # A NaN/inf cost (a diverged prediction, or two zero-area boxes) is matched last instead of
+        # failing here: the loss of such a step is non-finite, and the trainer's non-finite guard
+        # (SOLVER.NONFINITE) stops or skips it with one clear message, on every DDP rank together.
+        cost = torch.nan_to_num(cost, nan=NON_FINITE_COST, posinf=NON_FINITE_COST, neginf=NON_FINITE_COST)
 
         indices = []
         for i, block in enumerate(cost.split(sizes, dim=-1)):
