@@ -1,12 +1,19 @@
-"""Data layer: the synthetic shapes dataset, dataset checks, the DETR dataset mapper and its
-single- and multi-image augmentations.
+"""Data layer: the synthetic shapes dataset, dataset checks, the image reader, the DETR dataset
+mapper and its single- and multi-image augmentations.
 
 Importing this package registers ``shapes_train`` and ``shapes_val`` with Detectron2's
 catalogs (under ``$DETECTRON2_DATASETS/shapes``, as read at import time).
 """
-from .checks import DatasetNotRegisteredError, check_datasets_exist
+from .checks import (
+    DatasetNotRegisteredError,
+    check_dataset_not_empty,
+    check_datasets_exist,
+    check_num_classes,
+    drop_images_without_usable_annotations,
+)
 from .curriculum import CurriculumSampler, build_curriculum_sampler, difficulty_scores
-from .mapper import DetrDatasetMapper, clip_and_filter_annotations, train_dataset_dicts
+from .image_io import UnreadableImageError, UnsupportedImageError, read_image
+from .mapper import DetrDatasetMapper, clip_and_filter_annotations, eval_dataset_dicts, train_dataset_dicts
 from .multi_image_pipeline import MultiImageAugmentation
 from .shapes import (
     SHAPES_CLASSES,
@@ -26,15 +33,22 @@ __all__ = [
     "DatasetNotRegisteredError",
     "DetrDatasetMapper",
     "MultiImageAugmentation",
+    "UnreadableImageError",
+    "UnsupportedImageError",
     "build_curriculum_sampler",
     "SHAPES_CLASSES",
+    "check_dataset_not_empty",
     "check_datasets_exist",
+    "check_num_classes",
     "clip_and_filter_annotations",
     "default_shapes_root",
     "difficulty_scores",
+    "drop_images_without_usable_annotations",
+    "eval_dataset_dicts",
     "generate_shapes_dataset",
     "is_shapes_dataset",
     "prepare_shapes_dataset",
+    "read_image",
     "register_shapes_dataset",
     "register_shapes_datasets",
     "render_shapes_image",

@@ -1,32 +1,69 @@
-"""Dataset mapper for DETR training and inference on box-only COCO-style data."""
+"""Dataset mapper for DETR training and inference on box-only COCO-style data, and the checked
+training / evaluation dataset dicts it maps."""
 import copy
+import itertools
 import logging
 from typing import Optional
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data import detection_utils as utils
+from detectron2.data.build import print_instances_class_histogram
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
 from .box_filters import MIN_BOX_SIZE, clip_and_filter_annotations, filter_by_visibility
+from .checks import check_dataset_not_empty, check_num_classes, drop_images_without_usable_annotations
+from .image_io import UnreadableImageError, read_image
 from .multi_image import Sample
 from .multi_image_pipeline import MultiImageAugmentation, read_sample
 
-__all__ = ["DetrDatasetMapper", "clip_and_filter_annotations", "filter_by_visibility", "train_dataset_dicts"]
+__all__ = ["DetrDatasetMapper", "clip_and_filter_annotations", "eval_dataset_dicts", "filter_by_visibility",
+           "train_dataset_dicts"]
+
+
+def _load_datasets(names, config_key):
+    """[(name, dicts)] of each dataset, each loaded once and checked to be non-empty."""
+    datasets = []
+    for name in names:
+        dicts = DatasetCatalog.get(name)
+        check_dataset_not_empty(name, dicts, config_key)
+        datasets.append((name, dicts))
+    return datasets
 
 
 def train_dataset_dicts(cfg):
-    """``DATASETS.TRAIN`` as Detectron2's default train loader reads it."""
-    return get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-    )
+    """``DATASETS.TRAIN`` as Detectron2's default train loader reads it for a box-only model
+    (its ``get_detection_dataset_dicts``; precomputed proposals and keypoints are not used), each
+    annotation file loaded once and checked before the first iteration: no dataset is empty,
+    ``MODEL.DETR.NUM_CLASSES`` covers every category (:func:`check_num_classes`) and
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` leaves images
+    (:func:`drop_images_without_usable_annotations`). Failures are ``ValueError`` s naming the
+    dataset and the config key to change."""
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("DATASETS.TRAIN is empty; name at least one registered dataset.")
+    datasets = _load_datasets(names, "DATASETS.TRAIN")
+    check_num_classes(cfg.MODEL.DETR.NUM_CLASSES, datasets, "DATASETS.TRAIN")
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        datasets = drop_images_without_usable_annotations(datasets)
+    dicts = list(itertools.chain.from_iterable(d for _, d in datasets))
+    thing_classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
+    if "annotations" in dicts[0] and thing_classes is not None:
+        utils.check_metadata_consistency("thing_classes", names)
+        print_instances_class_histogram(dicts, thing_classes)
+    return dicts
+
+
+def eval_dataset_dicts(cfg, dataset_name: str):
+    """One ``DATASETS.TEST`` dataset as Detectron2's test loader reads it (no filtering), checked
+    to be non-empty and to need at most ``MODEL.DETR.NUM_CLASSES`` classes."""
+    datasets = _load_datasets([dataset_name], "DATASETS.TEST")
+    check_num_classes(cfg.MODEL.DETR.NUM_CLASSES, datasets, "DATASETS.TEST")
+    return datasets[0][1]
 
 
 class DetrDatasetMapper(DatasetMapper):
@@ -34,13 +71,18 @@ class DetrDatasetMapper(DatasetMapper):
 
     On top of the parent (same config / constructor arguments):
 
+    * Images are read with :func:`dinodet2.data.image_io.read_image`: Detectron2's reader, but
+      16-bit / 32-bit / float grayscale pixels are scaled to 8 bits instead of clamped (an image
+      whose pixels cannot be mapped raises :class:`~dinodet2.data.image_io.UnsupportedImageError`
+      naming the file).
     * An image that cannot be read (missing, truncated, not an image) is skipped with a warning
-      in training -- the mapper returns None and Detectron2's ``MapDataset`` draws another
-      sample -- and raises a ``RuntimeError`` naming the file in inference.
+      in training -- the mapper returns None and the loader draws another sample -- and raises a
+      ``RuntimeError`` naming the file in inference.
     * Boxes are clipped to the image before augmentation; boxes that are non-finite or at most
       ``MIN_BOX_SIZE`` pixels wide or high after clipping are dropped (warned once per image).
     * Training outputs always carry ``instances`` with ``gt_boxes`` and ``gt_classes``, empty
-      for images without (usable) annotations.
+      for images without (usable) annotations. Outputs are box-only: segmentations, keypoints,
+      ``sem_seg_file_name`` and precomputed proposals are not mapped.
     * Training applies the multi-image augmentations of ``INPUT.AUG.*`` (Mosaic, MixUp, CutMix,
       Copy-Paste; :class:`MultiImageAugmentation`) before the single-image ones while
       ``multi_image.active``; such outputs are box-only and, with MixUp label weighting, carry
@@ -83,29 +125,49 @@ class DetrDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         """Map one Detectron2 dataset dict; see the class docstring. May return None in training."""
-        if self.multi_image is not None and self.multi_image.active:
-            try:
-                sample = read_sample(dataset_dict, self.image_format)
-            except OSError as e:
-                return self._unreadable_image(dataset_dict["file_name"], e)
-            return self.map_sample(dataset_dict, self.multi_image(sample))
+        if not self.is_train:
+            return self.map_for_inference(dataset_dict)
         try:
-            mapped = super().__call__(dataset_dict)
-        except OSError as e:  # the parent's only I/O is reading the image (and sem-seg) file
-            return self._unreadable_image(dataset_dict["file_name"], e)
-        if self.is_train and "instances" not in mapped:
-            image_size = tuple(mapped["image"].shape[-2:])
-            mapped["instances"] = utils.annotations_to_instances([], image_size)
+            sample = read_sample(dataset_dict, self.image_format)
+        except UnreadableImageError as e:
+            return self._unreadable_image(e)
+        num_usable = sum(not anno.get("iscrowd", 0) for anno in dataset_dict.get("annotations", ()))
+        num_dropped = num_usable - len(sample.boxes)  # read_sample dropped them
+        if num_dropped:
+            log_first_n(
+                logging.WARNING,
+                f"Dropped {num_dropped} annotation(s) of '{dataset_dict['file_name']}' with a "
+                f"non-finite box or one at most {MIN_BOX_SIZE:g} px wide or high after clipping "
+                "to the image.",
+                key="message",
+            )
+        multi_image = self.multi_image is not None and self.multi_image.active
+        if multi_image:
+            sample = self.multi_image(sample)
+        return self.map_sample(dataset_dict, sample, weighted=multi_image and self.multi_image.label_weighting)
+
+    def map_for_inference(self, dataset_dict):
+        """Inference output, as Detectron2's ``DatasetMapper``: the resized ``image``; ``height`` /
+        ``width`` (the original size, the one predictions are mapped back to) kept or filled in;
+        no ``annotations``."""
+        try:
+            image = read_image(dataset_dict["file_name"], format=self.image_format)
+        except UnreadableImageError as e:
+            return self._unreadable_image(e)
+        mapped = {k: copy.deepcopy(v) for k, v in dataset_dict.items() if k not in ("annotations", "sem_seg_file_name")}
+        utils.check_image_size(mapped, image)
+        aug_input = T.AugInput(image)
+        self.augmentations(aug_input)
+        mapped["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         return mapped
 
-    def map_sample(self, dataset_dict, sample: Sample):
-        """Training output for an already decoded (possibly composite) :class:`Sample`: the
-        single-image augmentations, box clipping / filtering, ``instances`` (+ ``gt_weights``)."""
+    def map_sample(self, dataset_dict, sample: Sample, weighted: bool = False):
+        """Training output for a decoded (possibly composite) :class:`Sample`: the single-image
+        augmentations, box clipping / filtering, ``instances`` (+ ``gt_weights`` if ``weighted``)."""
         aug_input = T.AugInput(sample.image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_shape = image.shape[:2]
-        weighted = self.multi_image is not None and self.multi_image.label_weighting
         annotations = [
             {"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(c), "iscrowd": 0,
              **({"weight": float(w)} if weighted else {})}
@@ -120,30 +182,18 @@ class DetrDatasetMapper(DatasetMapper):
         self._transform_annotations(mapped, transforms, image_shape)
         return mapped
 
-    def _unreadable_image(self, file_name, error):
+    def _unreadable_image(self, error: UnreadableImageError):
         """Skip (training: warn once per file, return None) or fail (inference) on a bad image."""
-        message = (
-            f"Cannot read image '{file_name}' ({type(error).__name__}: {error}). "
-            "Fix or replace the file, or remove it from the dataset's annotation JSON."
-        )
+        message = f"{error} Fix or replace the file, or remove it from the dataset's annotation JSON."
         if not self.is_train:
             raise RuntimeError(message) from error
         log_first_n(logging.WARNING, message + " Skipping it.", key="message")
         return None
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
-        """Clip / drop bad boxes in original image coordinates, then apply the parent's logic."""
-        annotations, num_dropped = clip_and_filter_annotations(
-            dataset_dict["annotations"], dataset_dict["width"], dataset_dict["height"]
-        )
-        if num_dropped:
-            log_first_n(
-                logging.WARNING,
-                f"Dropped {num_dropped} annotation(s) of '{dataset_dict['file_name']}' with a "
-                f"non-finite box or one at most {MIN_BOX_SIZE:g} px wide or high after clipping "
-                "to the image.",
-                key="message",
-            )
+        """The parent's logic, after dropping boxes augmentation leaves too small / too hidden
+        (``min_box_size`` / ``min_visibility``); MixUp weights become ``instances.gt_weights``."""
+        annotations = dataset_dict["annotations"]
         if self.is_train and (self.min_box_size > 0 or self.min_visibility > 0):
             annotations, _ = filter_by_visibility(annotations, transforms, image_shape, self.min_box_size,
                                                   self.min_visibility)

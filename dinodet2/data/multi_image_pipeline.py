@@ -25,6 +25,7 @@ from detectron2.structures.masks import polygons_to_bitmask
 
 from .augmentations import check_range
 from .box_filters import clip_and_filter_annotations
+from .image_io import read_image
 from .multi_image import PasteObject, Sample, copy_paste, cutmix, fit_inside, mixup, mosaic
 
 __all__ = ["MultiImageAugmentation", "ObjectIndex", "cut_object", "read_sample"]
@@ -58,9 +59,11 @@ def _decode_mask(segmentation, height: int, width: int) -> Optional[np.ndarray]:
 
 
 def read_sample(record: Dict, image_format: str) -> Sample:
-    """A dataset dict's image (``image_format``) and its usable non-crowd boxes (clipped, as the
-    mapper does) with their segmentations. Raises ``OSError`` if the image cannot be read."""
-    image = utils.read_image(record["file_name"], format=image_format)
+    """A dataset dict's image (``image_format``, read by :func:`dinodet2.data.image_io.read_image`)
+    and its usable non-crowd boxes (clipped; non-finite / degenerate ones dropped) with their
+    segmentations. Raises :class:`~dinodet2.data.image_io.UnreadableImageError` (an ``OSError``)
+    if the image cannot be read."""
+    image = read_image(record["file_name"], format=image_format)
     utils.check_image_size(record, image)
     annotations, _ = clip_and_filter_annotations(record.get("annotations", []), image.shape[1], image.shape[0])
     annotations = [a for a in annotations if not a.get("iscrowd", 0)]
@@ -266,7 +269,7 @@ class MultiImageAugmentation:
             image_index, anno_index = self.objects.draw(rng)
             record = self.dataset[image_index]
             try:
-                image = utils.read_image(record["file_name"], format=self.image_format)
+                image = read_image(record["file_name"], format=self.image_format)
             except OSError as e:
                 logger.warning("Copy-Paste skips unreadable image '%s' (%s).", record["file_name"], e)
                 continue

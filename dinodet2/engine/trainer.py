@@ -11,7 +11,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import DetrDatasetMapper, check_datasets_exist, train_dataset_dicts
+from ..data import DetrDatasetMapper, check_datasets_exist, eval_dataset_dicts, train_dataset_dicts
 from ..data.train_stream import SeededMapDataset, TrainStream, aspect_ratio_groups, build_index_sampler
 from .checkpoint import Dinodet2Checkpointer
 from .curriculum import CurriculumHook
@@ -77,6 +77,8 @@ class Trainer(DefaultTrainer):
             setup_logger()
         check_amp_available(cfg)
         prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        for name in cfg.DATASETS.TEST:  # evaluation runs late: check its datasets before iteration 0
+            eval_dataset_dicts(cfg, name)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.seed = resolve_run_seed(cfg)  # replaced by the checkpoint's on --resume
         model = self.build_model(cfg)
@@ -147,8 +149,6 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         """Detectron2's test loader with :class:`DetrDatasetMapper`, over the dataset's dicts checked
         by :func:`eval_dataset_dicts` (not empty; ``MODEL.DETR.NUM_CLASSES`` covers its categories)."""
-        from ..data import eval_dataset_dicts
-
         return build_detection_test_loader(eval_dataset_dicts(cfg, dataset_name),
                                            mapper=DetrDatasetMapper(cfg, is_train=False),
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)

@@ -1,6 +1,7 @@
 """DINOv2 vision transformer (HF ``transformers``) as a Detectron2 ``Backbone``."""
 import logging
 import os
+import pickle
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
@@ -45,8 +46,13 @@ def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict
                       drop_path_rate: float = 0.0, local_files_only: bool = False) -> nn.Module:
     """Load a pretrained DINOv2 (Hub id or local directory) or build a random one.
 
-    Dispatches through ``AutoModel`` so "with registers" checkpoints get their own class.
+    Dispatches through ``AutoModel`` so "with registers" checkpoints get their own class. Any
+    failure to load (no network, offline mode without a cached copy, a missing / incomplete /
+    corrupt directory or cached download) raises an ``OSError`` that says how to fix it: a local
+    ``save_pretrained`` copy in ``MODEL.DINOV2.NAME``, ``HF_HUB_OFFLINE`` /
+    ``MODEL.DINOV2.LOCAL_FILES_ONLY``, or ``MODEL.DINOV2.RANDOM_INIT``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig
 
     if random_init:
@@ -58,26 +64,54 @@ def load_dinov2_model(name: str, *, random_init: bool = False, size_kwargs: Dict
         model = AutoModel.from_config(config)
         init_sincos_position_embeddings(model)
         return model
-    local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    offline = local_files_only or _hub_offline()
     try:
-        return AutoModel.from_pretrained(name, drop_path_rate=drop_path_rate,
-                                         local_files_only=local_files_only)
-    except (OSError, ValueError) as e:
-        if _looks_like_path(name) and not os.path.isdir(name):
-            raise OSError(
-                f"MODEL.DINOV2.NAME='{name}' looks like a local directory, but it does not exist. Point it "
-                "at a folder written by `save_pretrained` (config.json + model.safetensors), or use a Hub "
-                "id such as facebook/dinov2-base, or set MODEL.DINOV2.RANDOM_INIT=True."
-            ) from e
-        raise OSError(
-            f"Could not load DINOv2 weights from MODEL.DINOV2.NAME='{name}' ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}).\n"
-            "If this machine is offline or cannot reach the HuggingFace Hub, download the model once "
-            "elsewhere, e.g. `python -c \"from transformers import AutoModel; "
-            f"AutoModel.from_pretrained('{name}').save_pretrained('/path/to/dinov2')\"`, copy the "
-            "folder here and set MODEL.DINOV2.NAME=/path/to/dinov2 (a local directory). To train "
-            "without pretrained weights set MODEL.DINOV2.RANDOM_INIT=True."
-        ) from e
+        return AutoModel.from_pretrained(name, drop_path_rate=drop_path_rate, local_files_only=offline)
+    # OSError: not found / no connection (transformers' wrapping of the huggingface_hub errors);
+    # ValueError: invalid id, unknown model type; SafetensorError / RuntimeError / EOFError /
+    # UnpicklingError: a truncated or corrupt weights file (e.g. an interrupted download).
+    except (OSError, ValueError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise OSError(_load_failure_message(name, e, offline)) from e
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1 / ON / YES / TRUE, any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _load_failure_message(name: str, error: Exception, offline: bool) -> str:
+    """What went wrong loading ``MODEL.DINOV2.NAME=name`` and how to fix it."""
+    cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    random_init = "To train without pretrained weights, set MODEL.DINOV2.RANDOM_INIT True."
+    save_copy = ("`python -c \"from transformers import AutoModel; "
+                 f"AutoModel.from_pretrained('{name if not _looks_like_path(name) else 'facebook/dinov2-base'}')"
+                 ".save_pretrained('/path/to/dinov2')\"`")
+    if os.path.isdir(os.path.expanduser(name)):
+        return (
+            f"Could not load DINOv2 weights from the local directory MODEL.DINOV2.NAME='{name}' ({cause}). It "
+            "must hold a complete `save_pretrained` output (config.json and model.safetensors); an incomplete or "
+            f"truncated copy gives this error. Write it again, e.g. on a machine with network access: {save_copy}, "
+            f"and copy the whole folder. {random_init}"
+        )
+    if _looks_like_path(name):
+        return (
+            f"MODEL.DINOV2.NAME='{name}' looks like a local directory, but it does not exist. Point it "
+            "at a folder written by `save_pretrained` (config.json + model.safetensors), or use a Hub id such as "
+            f"facebook/dinov2-base. {random_init}"
+        )
+    from huggingface_hub import constants
+
+    where = (f"Offline mode is on (HF_HUB_OFFLINE or MODEL.DINOV2.LOCAL_FILES_ONLY), so only the HuggingFace "
+             f"cache '{constants.HF_HUB_CACHE}' was searched." if offline else
+             f"The HuggingFace Hub was asked, with the cache '{constants.HF_HUB_CACHE}' as fallback.")
+    return (
+        f"Could not load DINOv2 weights for the Hub id MODEL.DINOV2.NAME='{name}' ({cause}). {where}\n"
+        "Without access to the Hub: download the model once on a machine that has it, e.g. "
+        f"{save_copy}, copy the folder here and set MODEL.DINOV2.NAME /path/to/dinov2 (a local directory). "
+        "Or copy a HuggingFace cache holding the model (HF_HOME) and set HF_HUB_OFFLINE=1 (or MODEL.DINOV2."
+        "LOCAL_FILES_ONLY True) so the Hub is never contacted. A partial or corrupt download in the cache gives this "
+        f"error too: delete the model's folder in the cache and download it again. {random_init}"
+    )
 
 
 def _looks_like_path(name: str) -> bool:
