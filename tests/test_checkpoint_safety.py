@@ -351,15 +351,21 @@ def test_save_leaves_only_the_checkpoint_and_last_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 5. resume falls back to the newest readable checkpoint
 # ------------------------------------------------------------------------------------------------
+def _count_reads(monkeypatch):
+    """The base names of the files the checkpointer reads, in order."""
+    reads = []
+    real_read = checkpoint_module.read_checkpoint_file
+    monkeypatch.setattr(checkpoint_module, "read_checkpoint_file",
+                        lambda p: reads.append(os.path.basename(p)) or real_read(p))
+    return reads
+
+
 def test_resume_skips_truncated_checkpoints_newest_first_and_reads_the_chosen_one_once(tmp_path, monkeypatch,
                                                                                        checkpoint_log):
     _save_iterations(tmp_path, [1, 3, 4, 5])
     _truncate(tmp_path / "model_0000005.pth")  # named by last_checkpoint
     _truncate(tmp_path / "model_0000004.pth")
-    reads = []
-    real_read = checkpoint_module.read_checkpoint_file
-    monkeypatch.setattr(checkpoint_module, "read_checkpoint_file", lambda p: reads.append(os.path.basename(p))
-                        or real_read(p))
+    reads = _count_reads(monkeypatch)
 
     extra, weight = _resume(tmp_path)
     assert extra["iteration"] == 3 and weight == 3
@@ -371,10 +377,7 @@ def test_resume_skips_truncated_checkpoints_newest_first_and_reads_the_chosen_on
 
 def test_resume_from_a_readable_last_checkpoint_reads_it_once(tmp_path, monkeypatch):
     _save_iterations(tmp_path, [1, 2])
-    reads = []
-    real_read = checkpoint_module.read_checkpoint_file
-    monkeypatch.setattr(checkpoint_module, "read_checkpoint_file", lambda p: reads.append(os.path.basename(p))
-                        or real_read(p))
+    reads = _count_reads(monkeypatch)
     extra, weight = _resume(tmp_path)
     assert extra["iteration"] == 2 and weight == 2
     assert reads == ["model_0000002.pth"]

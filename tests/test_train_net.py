@@ -13,6 +13,7 @@ Every other run executes ``tools/train_net.py`` itself.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,27 @@ def test_two_process_cpu_ddp(tmp_path, run_env, config, extra_opts):
     assert not any(k.startswith("module.") for k in model), "DDP wrapper leaked into checkpoint"
     if extra_opts:
         assert "strong multi-image augmentation off" in log and "Curriculum sampling over" in log, _describe(proc)
+
+
+def test_two_process_cpu_ddp_resume_is_exact(tmp_path, run_env):
+    """Resuming a 2-rank run from its iteration-2 checkpoint (what a kill after that checkpoint
+    leaves) ends with the uninterrupted run's weights, with augmentation and curriculum on."""
+    env = dict(run_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    opts = ["--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *NO_EVAL_OPTS, "MODEL.SFP.OUT_CHANNELS", "32",
+            "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "-1", *AUG_CURRICULUM_OPTS,
+            "DATALOADER.NUM_WORKERS", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run_ok(TRAIN_NET, [*opts, "OUTPUT_DIR", straight], env, config=IMPROVED_CONFIG)
+    resumed.mkdir()
+    shutil.copy(straight / "model_0000002.pth", resumed / "model_0000002.pth")
+    (resumed / "last_checkpoint").write_text("model_0000002.pth")
+    proc = _run_ok(TRAIN_NET, ["--resume", *opts, "OUTPUT_DIR", resumed], env, config=IMPROVED_CONFIG)
+    log = (resumed / "log.txt").read_text()
+    assert "Resuming with the run's seed" in log, _describe(proc)  # SEED -1: the drawn seed comes back
+    a, b = _load_checkpoint(straight / "model_final.pth")["model"], _load_checkpoint(resumed / "model_final.pth")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,21 +51,31 @@ def train_command(args, output_dir, resume):
                   "SOLVER.CHECKPOINT_PERIOD", str(args.checkpoint_period), *args.opts]
 
 
+TRAINING_STARTED = "Starting training from iteration"  # Detectron2's TrainerBase.train logs it
+
+
 def run(cmd, log_path, kill_after=None):
-    """Run ``cmd`` (appending to ``log_path``); SIGKILL its process group after ``kill_after`` s.
-    Returns (killed, seconds)."""
-    start = time.time()
+    """Run ``cmd`` (appending to ``log_path``). With ``kill_after``, SIGKILL its process group that
+    many seconds after its training loop started (start-up is not counted, so kills land in
+    training, checkpoint writes or the final evaluation). Returns (killed, seconds of training)."""
+    offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
+    started = None
+    while proc.poll() is None:
+        if started is None:
+            with open(log_path) as f:
+                f.seek(offset)
+                if TRAINING_STARTED in f.read():
+                    started = time.time()
+        elif kill_after is not None and time.time() - started >= kill_after:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True, time.time() - start
+            return True, time.time() - started
+        time.sleep(0.05)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log_path}.")
-    return False, time.time() - start
+    return False, time.time() - (started or time.time())
 
 
 def read_metrics(output_dir):
@@ -78,6 +88,17 @@ def read_metrics(output_dir):
                 entry = json.loads(line)
                 entries.setdefault(entry["iteration"], {}).update(entry)
     return entries
+
+
+def _checkpoint_iteration(output_dir):
+    """The iteration of the checkpoint last_checkpoint names (-1 if none)."""
+    path = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.exists(path):
+        return -1
+    with open(path) as f:
+        name = f.read().strip()
+    digits = name[len("model_"):-len(".pth")]
+    return int(digits) if digits.isdigit() else -1
 
 
 def compare_logs(straight, resumed, rtol):
@@ -135,23 +156,25 @@ def main(argv=None):
         segments += 1
         delay = None
         if len(kills) < args.kills:
-            # spread the kills over the run: each segment lives a random share of a fair slice of it
-            delay = rng.uniform(0.15, 1.0) * straight_seconds / (args.kills - len(kills) + 0.5)
+            # spread the kills over the run: each segment trains for about a fair slice of it
+            delay = rng.uniform(0.5, 1.5) * straight_seconds / (args.kills + 1)
+            done = _checkpoint_iteration(crashed_dir) + 1  # what the next segment does not redo
+            delay = min(delay, 0.9 * straight_seconds * (1 - done / args.iters))  # kill before the end
         killed, seconds = run(train_command(args, crashed_dir, resume=resume), log, kill_after=delay)
         resume = True
         if not killed:
             break
-        with open(os.path.join(crashed_dir, "last_checkpoint")) if os.path.exists(
-                os.path.join(crashed_dir, "last_checkpoint")) else open(os.devnull) as f:
+        last_path = os.path.join(crashed_dir, "last_checkpoint")
+        with open(last_path if os.path.exists(last_path) else os.devnull) as f:
             last = f.read().strip() or "(none yet)"
-        kills.append({"after_seconds": round(seconds, 1), "last_checkpoint": last})
-        print(f"[crash_test]   kill -9 after {seconds:.1f} s (last checkpoint: {last})", flush=True)
+        kills.append({"seconds_into_training": round(seconds, 1), "last_checkpoint": last})
+        print(f"[crash_test]   kill -9 {seconds:.1f} s into training (last checkpoint: {last})", flush=True)
 
     straight, resumed = read_metrics(straight_dir), read_metrics(crashed_dir)
     summary = {
         "config": os.path.relpath(args.config_file, REPO), "iters": args.iters, "seed": args.seed,
         "checkpoint_period": args.checkpoint_period, "opts": args.opts,
-        "kills": kills, "segments": segments, "straight_seconds": round(straight_seconds, 1),
+        "kills": kills, "segments": segments, "straight_training_seconds": round(straight_seconds, 1),
         "logs": compare_logs(straight, resumed, args.rtol),
         "final_metrics": {"uninterrupted": final_metrics(straight), "interrupted": final_metrics(resumed)},
         "weights": compare_weights(os.path.join(straight_dir, "model_final.pth"),
