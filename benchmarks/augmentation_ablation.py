@@ -22,10 +22,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from decoder_convergence import train_variant, write_results  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from dinodet2.benchmarking.training_runs import fixed_budget_overrides, train_net_command  # noqa: E402
+
 CONFIG = "configs/Demo/detr_shapes_tiny_improved.yaml"
 
 
@@ -67,10 +70,7 @@ def main():
     results = {}
     for name in args.variants:
         run_dir = out_root / name
-        cmd = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *table[name],
-               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
-               "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters), "DATALOADER.NUM_WORKERS", "0",
-               "OUTPUT_DIR", str(run_dir), *args.opts]
+        cmd = train_net_command(CONFIG, [*table[name], *fixed_budget_overrides(args.iters, run_dir), *args.opts])
         results[name] = train_variant(name, cmd, run_dir)
     write_results(out_root, results)
 

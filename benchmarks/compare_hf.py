@@ -24,7 +24,7 @@ classes, auxiliary (deep-supervision) losses on both sides (``--aux-loss off`` t
 dropout 0.1 on sub-layer outputs and ``--hf-attention-dropout`` (default 0.0, HF's default) on
 attention weights on both sides (ours: ``MODEL.DETR.ATTENTION_DROPOUT``), fp32.
 
-Protocol (``tools/benchmark.py``'s, which measures our side): a fixed-seed batch of random
+Protocol (``tools/benchmark.py``'s: :mod:`dinodet2.benchmarking`, which measures our side): a fixed-seed batch of random
 uint8-range images with 5 random boxes each; train step = forward + loss + ``zero_grad`` +
 backward + AdamW step (lr 1e-4, weight decay 1e-4, full-model gradient clipping at norm 0.1, as
 our base config); inference = ``no_grad`` forward of the batch in eval mode. Median over
@@ -38,7 +38,6 @@ Examples::
     HF_HUB_OFFLINE=1 python benchmarks/compare_hf.py --pairs deformable --hf-levels 4 --threads 8
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -50,24 +49,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built from co
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO_ROOT = os.path.dirname(_HERE)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, _REPO_ROOT)
+
+from dinodet2.benchmarking import (CpuContentionMeter, count_gflops_per_image, device_name,  # noqa: E402
+                                   make_synthetic_batch, parameter_counts, parse_image_size, run_benchmark,
+                                   summary_stats, time_iterations)
+from dinodet2.config import load_dinodet2_config  # noqa: E402
+
 SEED_CONFIG = os.path.join(_REPO_ROOT, "configs", "COCO-Detection", "detr_dinov2_base_lora4.yaml")
-
-
-def load_benchmark_module():
-    """``tools/benchmark.py`` as a module (``tools/`` is not a package)."""
-    name = "dinodet2_tools_benchmark"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_REPO_ROOT, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark_module()
 
 # DINOv2 attention projections to adapt, per transformers version (5.x first).
 LORA_TARGET_SUFFIXES = {"query": ("attention.q_proj", "attention.attention.query"),
@@ -165,39 +156,39 @@ def _hf_dropout_kwargs(args) -> Dict:
     return {} if args.hf_attention_dropout is None else {"attention_dropout": args.hf_attention_dropout}
 
 
+def _hf_config_kwargs(args, encoder_layers: int, ffn: int) -> Dict:
+    """What HF's DETR and Deformable DETR configs share: our sizes, the DINOv2 backbone, dropout."""
+    return dict(
+        backbone_config=hf_dinov2_config(args), use_timm_backbone=False, use_pretrained_backbone=False,
+        num_labels=args.num_classes, num_queries=args.num_queries, d_model=256,
+        encoder_layers=encoder_layers, decoder_layers=args.dec_layers,
+        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+        auxiliary_loss=args.aux_loss == "on", **_hf_dropout_kwargs(args),
+    )
+
+
+def _hf_model_with_lora(model_class, config, args, seed: int):
+    """(``model_class(config)`` seeded with ``seed``, with LoRA; its LoRA target names)."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    targets = apply_lora_and_freeze(model, args.lora_rank, args.lora_alpha)
+    return model, targets
+
+
 def build_hf_detr(args, seed: int):
     from transformers import DetrConfig, DetrForObjectDetection
 
-    config = DetrConfig(
-        backbone_config=hf_dinov2_config(args), use_timm_backbone=False, use_pretrained_backbone=False,
-        num_labels=args.num_classes, num_queries=args.num_queries, d_model=256,
-        encoder_layers=args.encoder_layers, decoder_layers=args.dec_layers,
-        encoder_attention_heads=8, decoder_attention_heads=8,
-        encoder_ffn_dim=args.detr_ffn, decoder_ffn_dim=args.detr_ffn,
-        auxiliary_loss=args.aux_loss == "on", **_hf_dropout_kwargs(args),
-    )
-    torch.manual_seed(seed)
-    model = DetrForObjectDetection(config)
-    targets = apply_lora_and_freeze(model, args.lora_rank, args.lora_alpha)
-    return model, targets
+    config = DetrConfig(**_hf_config_kwargs(args, args.encoder_layers, args.detr_ffn))
+    return _hf_model_with_lora(DetrForObjectDetection, config, args, seed)
 
 
 def build_hf_deformable(args, seed: int, levels: int):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-    config = DeformableDetrConfig(
-        backbone_config=hf_dinov2_config(args), use_timm_backbone=False, use_pretrained_backbone=False,
-        num_labels=args.num_classes, num_queries=args.num_queries, d_model=256,
-        encoder_layers=args.deformable_encoder_layers, decoder_layers=args.dec_layers,
-        encoder_attention_heads=8, decoder_attention_heads=8,
-        encoder_ffn_dim=args.deformable_ffn, decoder_ffn_dim=args.deformable_ffn,
-        num_feature_levels=levels, encoder_n_points=4, decoder_n_points=4,
-        two_stage=False, with_box_refine=False, auxiliary_loss=args.aux_loss == "on", **_hf_dropout_kwargs(args),
-    )
-    torch.manual_seed(seed)
-    model = DeformableDetrForObjectDetection(config)
-    targets = apply_lora_and_freeze(model, args.lora_rank, args.lora_alpha)
-    return model, targets
+    config = DeformableDetrConfig(**_hf_config_kwargs(args, args.deformable_encoder_layers, args.deformable_ffn),
+                                  num_feature_levels=levels, encoder_n_points=4, decoder_n_points=4,
+                                  two_stage=False, with_box_refine=False)
+    return _hf_model_with_lora(DeformableDetrForObjectDetection, config, args, seed)
 
 
 def hf_inputs(batch: Sequence[Dict], pixel_mean, pixel_std):
@@ -222,7 +213,7 @@ def run_hf_benchmark(build, mode: str, args, base_cfg) -> Dict:
     """Time an HF detector with the protocol of ``tools/benchmark.py``."""
     model, targets = build()
     h, w = args.image_size
-    batch = bench.make_synthetic_batch((h, w), args.batch_size, args.num_classes,
+    batch = make_synthetic_batch((h, w), args.batch_size, args.num_classes,
                                        with_instances=(mode == "train"), seed=args.seed)
     images, labels, mean, std = hf_inputs(batch, base_cfg.MODEL.PIXEL_MEAN, base_cfg.MODEL.PIXEL_STD)
     solver = base_cfg.SOLVER
@@ -254,19 +245,17 @@ def run_hf_benchmark(build, mode: str, args, base_cfg) -> Dict:
             with torch.no_grad():
                 model(pixel_values=(images - mean) / std)
 
-    with bench.CpuContentionMeter() as contention:
-        times = bench.time_iterations(step, args.iters, args.warmup, "cpu")
+    with CpuContentionMeter() as contention:
+        times = time_iterations(step, args.iters, args.warmup, "cpu")
     model.eval()
     one = (images[:1] - mean) / std
-    gflops = bench.count_gflops_per_image(lambda: model(pixel_values=one), model)
+    gflops = count_gflops_per_image(lambda: model(pixel_values=one), model)
     return {
         "mode": mode,
-        **bench._summary_stats(times, args.batch_size),
-        "params_total": sum(p.numel() for p in model.parameters()),
-        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **summary_stats(times, args.batch_size),
+        **parameter_counts(model),
         "gflops_per_image": gflops,
-        "other_processes_cpu_cores": (None if contention.other_cores is None
-                                      else round(contention.other_cores, 3)),
+        "other_processes_cpu_cores": contention.rounded_other_cores,
         "lora_targets": len(targets),
         "lora_target_example": targets[0],
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -277,12 +266,12 @@ def run_hf_benchmark(build, mode: str, args, base_cfg) -> Dict:
 def run_ours(pair: str, mode: str, args) -> Dict:
     opts = our_overrides(pair, args)
     try:
-        cfg = bench.setup_cfg(SEED_CONFIG, opts)
+        cfg = load_dinodet2_config(SEED_CONFIG, opts)
     except AssertionError as e:  # YACS' merge_from_list asserts "Non-existent key: ..." (no KeyError)
         if "Non-existent key" in str(e):
             raise KeyError(str(e)) from e
         raise
-    r = bench.run_benchmark(cfg, mode, args.image_size, args.batch_size, args.iters, args.warmup, seed=args.seed)
+    r = run_benchmark(cfg, mode, args.image_size, args.batch_size, args.iters, args.warmup, seed=args.seed)
     r.pop("peak_memory_mib", None)  # the process's RSS peak covers every model measured before
     r.pop("peak_memory_kind", None)
     r["overrides"] = opts
@@ -385,7 +374,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
-    args.image_size = bench.parse_image_size(args.image_size)
+    args.image_size = parse_image_size(args.image_size)
     pairs = [s.strip() for s in args.pairs.split(",") if s.strip()]
     modes = [s.strip() for s in args.modes.split(",") if s.strip()]
     bad = [x for x in pairs if x not in ("detr", "deformable")] + [x for x in modes if x not in ("train", "inference")]
@@ -395,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         torch.set_num_threads(args.threads)
     import transformers
 
-    base_cfg = bench.setup_cfg(SEED_CONFIG, backbone_overrides(args))  # pixel statistics, solver
+    base_cfg = load_dinodet2_config(SEED_CONFIG, backbone_overrides(args))  # pixel statistics, solver
     rows: List[Dict] = []
     for pair in pairs:
         if pair == "detr":
@@ -431,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "device_name": bench.device_name("cpu"),
+        "device_name": device_name("cpu"),
         "rows": rows,
     }
     skipped = [r for r in rows if r.get("status") in ("skipped", "failed")]

@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dinodet2.benchmarking.training_runs import (bbox_metrics, fixed_budget_overrides,  # noqa: E402
+                                                  median_iteration_seconds, read_metrics_records, train_net_command)
+
 DEMO = "configs/Demo/detr_shapes_tiny.yaml"
 IMPROVED = "configs/Demo/detr_shapes_tiny_improved.yaml"
 
@@ -42,14 +46,8 @@ VARIANTS = {
 
 def read_metrics(output_dir: Path) -> dict:
     """Final bbox metrics and median training time per iteration from Detectron2's metrics.json."""
-    bbox, times = {}, []
-    for line in (output_dir / "metrics.json").read_text().splitlines():
-        record = json.loads(line)
-        if "time" in record:
-            times.append(record["time"])
-        bbox.update({k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bbox/")})
-    times.sort()
-    return {**bbox, "s_per_iter": times[len(times) // 2] if times else float("nan")}
+    records = read_metrics_records(output_dir)
+    return {**bbox_metrics(records), "s_per_iter": median_iteration_seconds(records)}
 
 
 def train_variant(name: str, cmd: list, run_dir: Path) -> dict:
@@ -89,10 +87,8 @@ def main():
     for name in args.variants:
         config, overrides = VARIANTS[name]
         run_dir = out_root / name
-        cmd = [sys.executable, "tools/train_net.py", "--config-file", config, *overrides,
-               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
-               "SOLVER.BASE_LR", str(args.lr), "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
-               "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir), *args.opts]
+        cmd = train_net_command(config, [*overrides, *fixed_budget_overrides(args.iters, run_dir, args.lr),
+                                         *args.opts])
         results[name] = train_variant(name, cmd, run_dir)
     write_results(out_root, results)
 

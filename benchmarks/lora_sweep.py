@@ -21,7 +21,6 @@ except the full fine-tuning reference. For each variant it
 Writes ``output/lora_sweep/results.{md,json}``.
 """
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -30,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dinodet2.benchmarking import (bbox_metrics, checkpoint_sizes, fixed_budget_overrides,  # noqa: E402
+                                   read_metrics_records, train_net_command)
+
 CONFIG = "configs/Demo/detr_shapes_tiny_improved.yaml"
 FROZEN = ["MODEL.DINOV2.FREEZE", "True"]
 
@@ -58,34 +60,18 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def _metrics(run_dir: Path) -> dict:
-    bbox = {}
-    for line in (run_dir / "metrics.json").read_text().splitlines():
-        bbox.update({k.split("/", 1)[1]: v for k, v in json.loads(line).items() if k.startswith("bbox/")})
-    return bbox
-
-
-def _checkpoint_bytes(config_file: Path, weights: Path):
+def _checkpoint_bytes(config_file: Path, weights: Path) -> dict:
     """Bytes of the torch.save'd trainable-only and full model state dicts after loading ``weights``
     (the demo's DINOv2 is random-init, so its checkpoints on disk stay complete)."""
-    import torch
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from dinodet2 import add_dinodet2_config
-    from dinodet2.engine import Dinodet2Checkpointer, trainable_state_dict
+    from dinodet2.config import load_dinodet2_config
+    from dinodet2.engine import Dinodet2Checkpointer
 
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    model = build_model(cfg)
+    model = build_model(load_dinodet2_config(str(config_file)))
     Dinodet2Checkpointer(model).load(str(weights))
-    sizes = []
-    for state in (trainable_state_dict(model), model.state_dict()):
-        buffer = io.BytesIO()
-        torch.save({"model": state}, buffer)
-        sizes.append(buffer.tell())
-    return sizes
+    sizes = checkpoint_sizes(model)
+    return {"checkpoint_trainable_only_bytes": sizes["trainable_only"], "full_state_dict_bytes": sizes["full"]}
 
 
 def main():
@@ -105,10 +91,7 @@ def main():
     for name in args.variants:
         run_dir = out_root / _slug(name)
         overrides = VARIANTS[name]
-        train = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *overrides,
-                 "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.85)},)",
-                 "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
-                 "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(run_dir), *args.opts]
+        train = train_net_command(CONFIG, [*overrides, *fixed_budget_overrides(args.iters, run_dir), *args.opts])
         print("$", " ".join(train[1:]), flush=True)
         subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
         bench_json = run_dir / "benchmark_train.json"
@@ -119,11 +102,10 @@ def main():
         bench_result = json.loads(bench_json.read_text())
         weights = run_dir / "model_final.pth"
         results[name] = {
-            **{k: _metrics(run_dir).get(k) for k in ("AP", "AP50")},
+            **{k: bbox_metrics(read_metrics_records(run_dir)).get(k) for k in ("AP", "AP50")},
             "params_trainable": bench_result["params_trainable"],
             "params_total": bench_result["params_total"],
-            **dict(zip(("checkpoint_trainable_only_bytes", "full_state_dict_bytes"),
-                       _checkpoint_bytes(run_dir / "config.yaml", weights))),
+            **_checkpoint_bytes(run_dir / "config.yaml", weights),
             "train_s_per_iter": bench_result["median_s_per_iter"],
             "train_peak_rss_mib": bench_result["peak_memory_mib"],
             "command": " ".join(train[1:]),

@@ -263,11 +263,11 @@ def add_dinodet2_config(cfg):
     # Grey level of padding (Mosaic canvas, MixUp around the second image).
     _C.INPUT.AUG.PAD_VALUE = 114
     # Switch Mosaic / MixUp / CutMix / Copy-Paste off for the last N training iterations (YOLOX's
-    # "no-aug" epochs; StrongAugmentationScheduleHook rebuilds the loader at MAX_ITER - N). 0 = never.
+    # "no-aug" epochs; TrainLoaderScheduleHook rebuilds the loader at MAX_ITER - N). 0 = never.
     _C.INPUT.AUG.STRONG_OFF_LAST_ITERS = 0
 
     # ----------------------------------------------------------------------------------------
-    # Curriculum learning (dinodet2.data.curriculum, dinodet2.engine.hooks); all off by default
+    # Curriculum learning (dinodet2.data.curriculum_sampler, dinodet2.engine.curriculum_schedules); all off by default
     # ----------------------------------------------------------------------------------------
     _C.CURRICULUM = CN()
     # Easy-to-hard sampling: every training image gets a difficulty score from its annotations,

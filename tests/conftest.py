@@ -80,3 +80,22 @@ def saved_dinov2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_dinov2")
     model.save_pretrained(str(path))
     return str(path)
+
+
+def make_instances(h, w, boxes, classes):
+    """Detectron2 ``Instances`` of an ``h x w`` image with XYXY ``boxes`` and ``classes``."""
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return inst
+
+
+def make_train_batch():
+    """Two training inputs of different sizes with 2 and 1 objects (random pixels)."""
+    return [
+        {"image": torch.rand(3, 70, 98) * 255,
+         "instances": make_instances(70, 98, [[5, 5, 40, 50], [50, 10, 90, 60]], [0, 2])},
+        {"image": torch.rand(3, 56, 56) * 255, "instances": make_instances(56, 56, [[10, 12, 30, 40]], [1])},
+    ]

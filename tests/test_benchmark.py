@@ -1,6 +1,7 @@
-"""Smoke tests of tools/benchmark.py (what it reports, not how fast anything is)."""
-import importlib.util
+"""Tests of dinodet2.benchmarking and its command line tools/benchmark.py (what they report and
+read, not how fast anything is)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,17 +11,11 @@ import torch
 
 from conftest import REPO_ROOT, TINY_CONFIG
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("dinodet2_benchmark", REPO_ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dinodet2 import benchmarking as bench
 
 
 @pytest.mark.parametrize("mode", ["train", "inference"])
 def test_run_benchmark_reports_every_measurement(tiny_cfg, mode):
-    bench = _module()
     result = bench.run_benchmark(tiny_cfg, mode, (70, 98), batch_size=2, iters=2, warmup=1)
     assert result["mode"] == mode and result["batch_size"] == 2 and result["image_size"] == [70, 98]
     assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
@@ -33,7 +28,6 @@ def test_run_benchmark_reports_every_measurement(tiny_cfg, mode):
 def test_train_step_updates_the_model(tiny_cfg):
     from detectron2.modeling import build_model
 
-    bench = _module()
     model = build_model(tiny_cfg)
     before = model.class_embed.weight.detach().clone()
     bench.run_benchmark(tiny_cfg, "train", 56, batch_size=1, iters=1, warmup=0, count_flops=False, model=model)
@@ -55,7 +49,77 @@ def test_command_line_writes_json(tmp_path):
 
 
 def test_amp_on_cpu_is_refused(tiny_cfg):
-    bench = _module()
     tiny_cfg.SOLVER.AMP.ENABLED = True
     with pytest.raises(bench.BenchmarkSetupError, match="AMP"):
         bench.run_benchmark(tiny_cfg, "train", 56, batch_size=1, iters=1, warmup=0)
+
+
+def test_parse_image_size():
+    assert bench.parse_image_size(448) == (448, 448) == bench.parse_image_size([448])
+    assert bench.parse_image_size([224, 320]) == (224, 320)
+    with pytest.raises(bench.BenchmarkSetupError, match="image-size"):
+        bench.parse_image_size([1, 2, 3])
+
+
+def test_contention_warning_only_for_a_busy_cpu():
+    assert bench.contention_warning({"device": "cpu", "other_processes_cpu_cores": 0.1}) is None
+    assert bench.contention_warning({"device": "cuda:0", "other_processes_cpu_cores": 3.0}) is None
+    assert "1.50 CPU cores" in bench.contention_warning({"device": "cpu", "other_processes_cpu_cores": 1.5,
+                                                         "cpu_count": 2})
+
+
+def test_checkpoint_sizes_of_a_partly_frozen_model():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    model[0].requires_grad_(False)
+    sizes = bench.checkpoint_sizes(model)
+    assert 0 < sizes["trainable_only"] < sizes["full"]
+    assert sizes["full"] - sizes["trainable_only"] >= 64 * 64 * 4  # the frozen layer's weights
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/train_net.py runs: command lines and metrics.json
+# ------------------------------------------------------------------------------------------------
+def test_train_net_command():
+    assert bench.train_net_command("c.yaml", ["SEED", "1"]) == [
+        sys.executable, "tools/train_net.py", "--config-file", "c.yaml", "SEED", "1"]
+    assert bench.train_net_command("c.yaml", ["SEED", "1"], resume=True, script="/x/t.py", python="py") == [
+        "py", "/x/t.py", "--config-file", "c.yaml", "--resume", "SEED", "1"]
+
+
+def test_fixed_budget_overrides():
+    assert bench.fixed_budget_overrides(300, "out/r") == [
+        "SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(255,)", "SOLVER.CHECKPOINT_PERIOD", "3000",
+        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", "out/r"]
+    with_lr = bench.fixed_budget_overrides(100, "o", base_lr=5e-4)
+    assert with_lr[4:6] == ["SOLVER.BASE_LR", "0.0005"] and with_lr[6] == "SOLVER.CHECKPOINT_PERIOD"
+
+
+def _write_metrics(tmp_path, records):
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    return bench.read_metrics_records(tmp_path)
+
+
+def test_metrics_of_a_resumed_run_keep_the_last_entry_of_each_iteration(tmp_path):
+    records = _write_metrics(tmp_path, [
+        {"iteration": 0, "total_loss": 5.0, "time": 0.3},
+        {"iteration": 1, "total_loss": 4.0, "time": 0.1},
+        {"iteration": 2, "total_loss": 9.0, "time": 0.2},   # killed after this line ...
+        {"iteration": 2, "total_loss": 3.0, "time": 0.4},   # ... resumed from the iteration-1 checkpoint
+        {"iteration": 3, "total_loss": 2.0, "time": 0.5},
+        {"iteration": 3, "bbox/AP": 40.0, "bbox/AP50": 70.0},
+    ])
+    assert len(records) == 6
+    entries = bench.metrics_by_iteration(records)
+    assert sorted(entries) == [0, 1, 2, 3]
+    assert entries[2]["total_loss"] == 3.0
+    assert entries[3] == {"iteration": 3, "total_loss": 2.0, "time": 0.5, "bbox/AP": 40.0, "bbox/AP50": 70.0}
+    assert bench.bbox_metrics(records) == {"AP": 40.0, "AP50": 70.0}
+    assert bench.median_iteration_seconds(records) == 0.3  # upper median of 0.1 0.2 0.3 0.4 0.5
+
+
+def test_bbox_metrics_are_the_last_ones_written(tmp_path):
+    records = _write_metrics(tmp_path, [{"iteration": 9, "bbox/AP": 10.0, "bbox/APs": 1.0},
+                                        {"iteration": 4, "bbox/AP": 20.0}])  # a shorter run appended
+    assert bench.bbox_metrics(records) == {"AP": 20.0, "APs": 1.0}
+    assert bench.latest_scalars(records, "bbox/") == {"bbox/AP": 20.0, "bbox/APs": 1.0}
+    assert math.isnan(bench.median_iteration_seconds(records))

@@ -89,12 +89,12 @@ def test_seed_coco_config_builds_intended_model(path):
     model = build_model(_small_backbone(cfg))
     assert model.num_classes == 80
     assert model.class_embed.out_features == 81  # CE: 80 classes + no-object
-    assert model.num_queries == 100 and model.query_embed.shape[0] == 100
-    assert len(model.transformer.decoder_layers) == 6
-    assert len(model.transformer.encoder_layers) == 0
-    assert model.transformer.d_model == 256
-    assert model.transformer.decoder_layers[0].self_attn.num_heads == 8
-    assert model.transformer.decoder_layers[0].cross_attn.num_heads == 8
+    assert model.num_queries == 100 and model.transformer.queries.query_pos.shape[0] == 100
+    assert len(model.transformer.decoder.layers) == 6
+    assert len(model.transformer.encoder.layers) == 0
+    assert model.transformer.queries.d_model == 256
+    assert model.transformer.decoder.layers[0].self_attn.num_heads == 8
+    assert model.transformer.decoder.layers[0].cross_attn.num_heads == 8
     lora_a = {n: p for n, p in model.named_parameters() if "lora_A" in n}
     assert lora_a and all(p.shape[0] == 4 for p in lora_a.values())
     assert all((".q_proj." in n) or (".v_proj." in n) for n in lora_a)
@@ -138,15 +138,15 @@ def test_improved_coco_config_builds_the_dino_style_decoder():
     model = build_model(_small_backbone(cfg))
     t = model.transformer
     assert model.in_features == ["p7", "p14", "p28", "p56"]
-    assert t.query_type == "two_stage" and t.mixed_query_selection and t.num_queries == 300
-    assert t.refine_boxes and t.look_forward_twice
-    assert len(t.encoder_layers) == 6 and len(t.decoder_layers) == 6
-    assert type(t.encoder_layers[0]).__name__ == "DeformableTransformerEncoderLayer"
-    assert type(t.decoder_layers[0]).__name__ == "DeformableTransformerDecoderLayer"
-    assert t.decoder_layers[0].cross_attn.num_levels == 4
+    assert t.queries.content is not None and t.queries.num_queries == 300  # two-stage, mixed query selection
+    assert t.decoder.refine_boxes and t.decoder.look_forward_twice
+    assert len(t.encoder.layers) == 6 and len(t.decoder.layers) == 6
+    assert type(t.encoder.layers[0]).__name__ == "DeformableTransformerEncoderLayer"
+    assert type(t.decoder.layers[0]).__name__ == "DeformableTransformerDecoderLayer"
+    assert t.decoder.layers[0].cross_attn.num_levels == 4
     assert model.denoising is not None and model.denoising.contrastive
-    assert model.class_loss == "varifocal" and model.class_embed.out_features == 80
-    assert model.query_embed is None
+    assert model.classification.name == "varifocal" and model.class_embed.out_features == 80
+    assert type(t.queries).__name__ == "TwoStageQueries"
 
 
 def _one_training_iteration(cfg):

@@ -7,6 +7,7 @@ import torch
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
+from dinodet2.modeling.classification import build_classification
 from dinodet2.modeling.criterion import SetCriterion
 from dinodet2.modeling.matcher import HungarianMatcher
 
@@ -72,17 +73,14 @@ EXPECTED_FOCAL = (
 )
 
 
+def _reading(class_loss):
+    return build_classification(class_loss, 2, no_object_weight=0.1, focal_alpha=ALPHA, focal_gamma=GAMMA,
+                                varifocal_alpha=VFL_ALPHA)
+
+
 def _criterion(class_loss):
-    matcher = HungarianMatcher(class_loss=class_loss, focal_alpha=ALPHA, focal_gamma=GAMMA)
-    return SetCriterion(
-        2,
-        matcher,
-        class_loss=class_loss,
-        no_object_weight=0.1,
-        focal_alpha=ALPHA,
-        focal_gamma=GAMMA,
-        **WEIGHTS,
-    )
+    classification = _reading(class_loss)
+    return SetCriterion(classification, HungarianMatcher(classification=classification), **WEIGHTS)
 
 
 def _outputs(class_loss, dtype=torch.float32):
@@ -207,12 +205,12 @@ def test_num_boxes_is_averaged_over_workers(monkeypatch):
 
 
 def test_invalid_arguments():
-    with pytest.raises(ValueError, match="class_loss"):
-        SetCriterion(2, HungarianMatcher(), class_loss="bce")
+    with pytest.raises(ValueError, match="CLASS_LOSS"):
+        build_classification("bce", 2)
     with pytest.raises(ValueError, match="must agree"):
-        SetCriterion(2, HungarianMatcher(class_loss="ce"), class_loss="focal")
+        SetCriterion(_reading("focal"), HungarianMatcher(classification=_reading("ce")))
     with pytest.raises(ValueError, match="expects 3"):
-        SetCriterion(2, HungarianMatcher())(_outputs("focal"), _targets())
+        SetCriterion(_reading("ce"), HungarianMatcher())(_outputs("focal"), _targets())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,9 +233,7 @@ def _vfl(logit, target):
 
 
 def test_varifocal_loss_matches_hand_computation():
-    matcher = HungarianMatcher(class_loss="varifocal", focal_alpha=ALPHA, focal_gamma=GAMMA)
-    criterion = SetCriterion(2, matcher, class_loss="varifocal", focal_gamma=GAMMA, varifocal_alpha=VFL_ALPHA,
-                             **WEIGHTS)
+    criterion = _criterion("varifocal")
     losses = criterion(_outputs("focal"), _targets())
     targets = [[0, 0], [0, IOU_Q1], [IOU_Q2, 0]]  # IoU of the matched box on the matched class
     expected = 2.0 * sum(_vfl(l, t) for row_l, row_t in zip(FOCAL_LOGITS, targets)
@@ -250,7 +246,7 @@ def test_varifocal_loss_matches_hand_computation():
 
 def test_varifocal_is_minimised_at_the_iou():
     """IoU-aware: for a positive, the best score is the IoU of its box, not 1."""
-    from dinodet2.modeling.criterion import varifocal_loss
+    from dinodet2.modeling.classification import varifocal_loss
 
     logits = torch.linspace(-4, 4, 801)
     target = torch.full_like(logits, 0.6)
@@ -285,8 +281,7 @@ def test_denoising_losses_use_the_fixed_assignment():
 def test_target_weights_scale_the_matched_terms(class_loss):
     """MixUp label weighting: weights 1 change nothing; target 0 (matched to query 2) at weight w
     scales its L1 / GIoU terms by w and its classification terms by w."""
-    criterion = _criterion("focal" if class_loss == "varifocal" else class_loss)
-    criterion.class_loss = class_loss
+    criterion = _criterion(class_loss)
     plain = criterion(_outputs(class_loss), _targets())
     ones = criterion(_outputs(class_loss), [{**_targets()[0], "weights": torch.ones(2)}])
     for name in plain:

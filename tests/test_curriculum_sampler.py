@@ -1,4 +1,4 @@
-"""Tests of dinodet2.data.curriculum: difficulty scores, the pool schedule and CurriculumSampler."""
+"""Tests of dinodet2.data.curriculum_sampler: difficulty scores, the pool schedule and CurriculumSampler."""
 import itertools
 import logging
 
@@ -11,7 +11,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from dinodet2.config import add_dinodet2_config
-from dinodet2.data.curriculum import (
+from dinodet2.data.curriculum_sampler import (
     CurriculumSampler,
     build_curriculum_sampler,
     difficulty_scores,
@@ -303,7 +303,7 @@ def test_build_curriculum_sampler_from_cfg():
     c.DIFFICULTY_WEIGHTS, c.SMALL_AREA = (2.0, 0.5, 3.0), 100.5
     data = _handcrafted_dataset()
     handler = _ListHandler()
-    logger = logging.getLogger("dinodet2.data.curriculum")
+    logger = logging.getLogger("dinodet2.data.curriculum_sampler")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)

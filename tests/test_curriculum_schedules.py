@@ -1,6 +1,6 @@
 """Tests of the model curricula: staged Hungarian matching, the query ramp-up of the DETR
 meta-architecture (learned, anchor and two-stage queries), their schedules and the
-:class:`~dinodet2.engine.curriculum.CurriculumHook` that applies them."""
+:class:`~dinodet2.engine.curriculum_schedules.CurriculumHook` that applies them."""
 from types import SimpleNamespace
 
 import pytest
@@ -9,15 +9,16 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torchvision.ops import box_convert, generalized_box_iou
 
-from dinodet2.engine.curriculum import (
+from dinodet2.engine.curriculum_schedules import (
     CurriculumHook,
     check_matching_schedule,
     check_query_schedule,
     matching_stage_at,
     num_queries_at,
 )
+from dinodet2.modeling.classification import build_classification
 from dinodet2.modeling.matcher import MATCHING_STAGES, HungarianMatcher
-from test_detr import _train_batch
+from conftest import make_train_batch as _train_batch
 
 
 def _match(matcher, logits, boxes, labels, tgt_boxes):
@@ -73,13 +74,13 @@ def test_full_stage_is_the_default_and_bit_identical(class_loss):
     torch.manual_seed(0)
     logits, boxes = torch.randn(14, 4), torch.rand(14, 4) * 0.5 + 0.2
     tgt_ids, tgt_boxes = torch.tensor([0, 2, 1, 1]), torch.rand(4, 4) * 0.5 + 0.2
-    default = HungarianMatcher(class_loss=class_loss)
-    staged = HungarianMatcher(class_loss=class_loss, stage="l1")
+    default = HungarianMatcher(classification=build_classification(class_loss, 3))
+    staged = HungarianMatcher(classification=build_classification(class_loss, 3), stage="l1")
     staged.stage = "full"
     assert default.stage == "full"
     # The cost as computed before staged matching existed.
     reference = (
-        default.cost_class * default._class_cost(logits, tgt_ids)
+        default.cost_class * default.classification.matching_cost(logits, tgt_ids)
         + default.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
         + default.cost_giou * -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
                                                    box_convert(tgt_boxes, "cxcywh", "xyxy"))
@@ -148,12 +149,12 @@ def test_invalid_query_schedule_raises():
 # Query ramp-up in the model
 # ------------------------------------------------------------------------------------------------
 QUERY_TYPES = {
-    "learned": ({}, ["query_embed"]),
-    "anchor": ({"MODEL.DETR.ANCHOR_QUERIES": True}, ["transformer.anchor_boxes", "transformer.content_queries"]),
+    "learned": ({}, ["transformer.queries.query_pos"]),
+    "anchor": ({"MODEL.DETR.ANCHOR_QUERIES": True}, ["transformer.queries.anchor_boxes", "transformer.queries.content"]),
     "two_stage": ({"MODEL.DETR.TWO_STAGE": True, "MODEL.DETR.CLASS_LOSS": "focal"},
-                  ["transformer.content_queries"]),
+                  ["transformer.queries.content"]),
     "anchor_dn": ({"MODEL.DETR.ANCHOR_QUERIES": True, "MODEL.DETR.CLASS_LOSS": "focal",
-                   "MODEL.DETR.DN.ENABLED": True}, ["transformer.anchor_boxes", "transformer.content_queries"]),
+                   "MODEL.DETR.DN.ENABLED": True}, ["transformer.queries.anchor_boxes", "transformer.queries.content"]),
 }
 
 

@@ -1,6 +1,7 @@
-"""Iteration-dependent data loading: TrainLoaderScheduleHook switches multi-image augmentations off
-for the last iterations and keeps the curriculum sampler's stage on resume; the Trainer wires the
-curriculum and augmentation schedules end to end; the augmentation grid tool writes a PNG."""
+"""Iteration-dependent data loading: TrainDataSchedule says when multi-image augmentations go off
+and builds the mapper in that state; TrainLoaderScheduleHook rebuilds the loader at the switch-off
+and on resume (keeping the curriculum sampler's stage); the Trainer wires the curriculum and
+augmentation schedules end to end; the augmentation grid tool writes a PNG."""
 import importlib.util
 
 import numpy as np
@@ -10,8 +11,8 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 
+from dinodet2.data import TrainDataSchedule
 from dinodet2.engine.hooks import TrainLoaderScheduleHook
-from dinodet2.engine.trainer import strong_augmentation_off_iter
 
 
 class _FakeSimpleTrainer:
@@ -43,34 +44,56 @@ def _run(hook, start_iter, max_iter):
     return trainer._trainer.resets, strong
 
 
+def _hook(strong_off_iter):
+    """The hook with a loader builder that returns the iteration it builds for."""
+    return TrainLoaderScheduleHook(lambda start: start, TrainDataSchedule(strong_off_iter))
+
+
 def test_strong_augmentation_goes_off_at_the_scheduled_iteration():
-    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=6)
-    resets, strong = _run(hook, 0, 8)
-    assert resets == [(6, False)]
+    resets, strong = _run(_hook(6), 0, 8)
+    assert resets == [6]
     assert strong == [1.0] * 6 + [0.0] * 2
 
 
 @pytest.mark.parametrize("start_iter, expected", [
-    (3, [(3, True), (6, False)]),       # resumed: the stream restarts at the resumed batch
-    (7, [(7, False)]),                  # resumed after the switch: off from the first step
-    (0, [(6, False)]),                  # fresh run: the loader built in __init__ is right
+    (3, [3, 6]),       # resumed: the stream restarts at the resumed batch, switches off at 6
+    (7, [7]),          # resumed after the switch: the loader built for 7 is already off
+    (0, [6]),          # fresh run: the loader built in __init__ is right until 6
 ])
-def test_resume_rebuilds_the_loader_in_the_right_state(start_iter, expected):
-    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=6)
-    resets, _ = _run(hook, start_iter, 8)
+def test_resume_rebuilds_the_loader_where_its_state_changes(start_iter, expected):
+    resets, _ = _run(_hook(6), start_iter, 8)
     assert resets == expected
 
 
-def test_strong_off_iter_from_config(tiny_cfg):
-    assert strong_augmentation_off_iter(tiny_cfg) is None
+def test_switch_off_at_iteration_zero_needs_no_rebuild():
+    resets, strong = _run(_hook(0), 0, 3)
+    assert resets == [] and strong == [0.0] * 3
+
+
+def test_schedule_from_config(tiny_cfg):
+    assert TrainDataSchedule.from_config(tiny_cfg).strong_off_iter is None
     tiny_cfg.INPUT.AUG.STRONG_OFF_LAST_ITERS = 15
-    assert strong_augmentation_off_iter(tiny_cfg) is None  # no multi-image augmentation on
+    assert TrainDataSchedule.from_config(tiny_cfg).strong_off_iter is None  # no multi-image augmentation on
     tiny_cfg.INPUT.AUG.MIXUP.ENABLED = True
     tiny_cfg.SOLVER.MAX_ITER = 100
-    assert strong_augmentation_off_iter(tiny_cfg) == 85
+    schedule = TrainDataSchedule.from_config(tiny_cfg)
+    assert schedule.strong_off_iter == 85
+    assert schedule.strong_augmentation_at(84) and not schedule.strong_augmentation_at(85)
+    tiny_cfg.INPUT.AUG.STRONG_OFF_LAST_ITERS = 150  # longer than the run: off from the start
+    assert TrainDataSchedule.from_config(tiny_cfg).strong_off_iter == 0
     tiny_cfg.INPUT.AUG.STRONG_OFF_LAST_ITERS = -1
     with pytest.raises(ValueError, match="STRONG_OFF_LAST_ITERS"):
-        strong_augmentation_off_iter(tiny_cfg)
+        TrainDataSchedule.from_config(tiny_cfg)
+
+
+def test_schedule_builds_the_mapper_in_the_state_of_its_start_iteration(tiny_cfg):
+    tiny_cfg.merge_from_list(["INPUT.AUG.MOSAIC.ENABLED", True, "INPUT.AUG.STRONG_OFF_LAST_ITERS", 4,
+                              "SOLVER.MAX_ITER", 10])
+    dataset = [{"file_name": "unused.png", "height": 8, "width": 8, "annotations": []}]
+    schedule = TrainDataSchedule.from_config(tiny_cfg)
+    assert schedule.build_mapper(tiny_cfg, dataset, 5).multi_image is not None
+    assert schedule.build_mapper(tiny_cfg, dataset, 6).multi_image is None
+    assert TrainDataSchedule(None).build_mapper(tiny_cfg, dataset, 10 ** 6).multi_image is not None
 
 
 def _schedule_cfg(tiny_cfg, tmp_path, name):
@@ -145,6 +168,5 @@ def test_augmentation_grid_tool_writes_a_png(tmp_path):
 
 
 def test_no_strong_augmentation_scalar_without_a_switch_off():
-    hook = TrainLoaderScheduleHook(lambda start, strong: (start, strong), strong_off_iter=None)
-    resets, strong = _run(hook, 2, 4)
-    assert resets == [(2, True)] and strong == []
+    resets, strong = _run(_hook(None), 2, 4)
+    assert resets == [2] and strong == []

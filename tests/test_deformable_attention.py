@@ -6,7 +6,6 @@ import torch
 
 from dinodet2.modeling.transformer.deformable_attention import (
     MultiScaleDeformableAttention,
-    is_low_lr_param,
     ms_deform_attn_sampling,
 )
 
@@ -165,8 +164,6 @@ def test_initialisation():
     assert torch.allclose(probs, torch.full_like(probs, 1.0 / 6))
 
 
-def test_low_lr_param_names():
+def test_sampling_offsets_declare_the_deformable_lr_role():
     module = MultiScaleDeformableAttention(embed_dim=16, num_heads=4, num_levels=2, num_points=2)
-    low = [n for n, _ in module.named_parameters() if is_low_lr_param(n)]
-    assert low == ["sampling_offsets.weight", "sampling_offsets.bias"]
-    assert "sampling_offsets" in MultiScaleDeformableAttention.LOW_LR_PARAM_NAMES
+    assert module.lr_roles() == {"sampling_offsets.weight": "deformable", "sampling_offsets.bias": "deformable"}

@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import box_convert
 
 from dinodet2.modeling.denoising import DenoisingGenerator, DenoisingQueries, denoising_attention_mask
-from dinodet2.modeling.transformer import DetrTransformer
+from dinodet2.modeling.transformer import DetrTransformer, MultiLevelTokens, valid_ratios
 
 
 def test_attention_mask_masks_every_forbidden_pair():
@@ -92,12 +92,19 @@ def test_invalid_arguments():
 def test_mask_isolates_matching_queries_and_groups_in_the_decoder(deformable):
     """Changing denoising queries must not change the matching queries' outputs, and changing one
     group must not change another group's outputs."""
+    from conftest import make_tiny_cfg
+
+    from dinodet2.modeling.classification import build_classification
+
     torch.manual_seed(0)
-    t = DetrTransformer(d_model=16, nhead=2, num_decoder_layers=2, dim_feedforward=16, dropout=0.0, num_queries=5,
-                        query_type="anchor", num_levels=1, deformable_decoder=deformable).eval()
+    cfg = make_tiny_cfg()
+    cfg.merge_from_list(["MODEL.DETR.HIDDEN_DIM", 16, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DEC_LAYERS", 2,
+                         "MODEL.DETR.DIM_FEEDFORWARD", 16, "MODEL.DETR.DROPOUT", 0.0, "MODEL.DETR.NUM_QUERIES", 5,
+                         "MODEL.DETR.ANCHOR_QUERIES", True, "MODEL.DETR.DEFORMABLE.DECODER", deformable])
+    t = DetrTransformer.from_config(cfg, build_classification("ce", 3), num_levels=1).eval()
     level_masks = [torch.zeros(1, 3, 4, dtype=torch.bool)]
     src, pos = torch.randn(1, 12, 16), torch.randn(1, 12, 16)
-    args = (src, level_masks[0].flatten(1), pos, level_masks, torch.tensor([[3, 4]]), torch.nn.Linear(16, 4))
+    args = (MultiLevelTokens(src, pos, level_masks, None, torch.tensor([[3, 4]]), valid_ratios(level_masks)),)
 
     def dn_queries(seed):
         g = torch.Generator().manual_seed(seed)

@@ -6,23 +6,11 @@ import math
 import pytest
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes
 
 from dinodet2.modeling.meta_arch import DETR
 
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def _train_batch():
-    return [
-        {"image": torch.rand(3, 70, 98) * 255, "instances": _instances(70, 98, [[5, 5, 40, 50], [50, 10, 90, 60]], [0, 2])},
-        {"image": torch.rand(3, 56, 56) * 255, "instances": _instances(56, 56, [[10, 12, 30, 40]], [1])},
-    ]
+from conftest import make_instances as _instances, make_train_batch as _train_batch
 
 
 def test_registered():
@@ -48,7 +36,7 @@ def test_training_returns_only_finite_losses_and_backward_works(tiny_cfg, class_
     total.backward()
     named = dict(model.named_parameters())
     assert named["class_embed.weight"].grad is not None
-    assert named["query_embed"].grad is not None
+    assert named["transformer.queries.query_pos"].grad is not None
     lora_b = [p for n, p in named.items() if "lora_B" in n]
     assert lora_b and all(p.grad is not None for p in lora_b)
 

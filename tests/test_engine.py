@@ -122,7 +122,7 @@ def test_level_and_vit_embeddings_have_no_weight_decay(optim_setup):
 
 def test_query_embed_has_no_weight_decay(optim_setup):
     _, _, _, groups = optim_setup
-    assert groups["query_embed"]["weight_decay"] == 0.0
+    assert groups["transformer.queries.query_pos"]["weight_decay"] == 0.0
 
 
 def test_two_stage_content_queries_have_no_weight_decay(tiny_cfg):
@@ -132,14 +132,14 @@ def test_two_stage_content_queries_have_no_weight_decay(tiny_cfg):
     model = build_model(cfg)
     groups = _group_of(model, build_optimizer(cfg, model))
     assert cfg.SOLVER.WEIGHT_DECAY > 0
-    assert groups["transformer.content_queries"]["weight_decay"] == 0.0
-    assert groups["transformer.enc_class_embed.weight"]["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
+    assert groups["transformer.queries.content"]["weight_decay"] == 0.0
+    assert groups["transformer.queries.class_head.weight"]["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
 
 
 def test_regular_weights_have_weight_decay(optim_setup):
     _, _, _, groups = optim_setup
-    for name in ("class_embed.weight", "bbox_embed.layers.0.weight",
-                 "transformer.decoder_layers.0.ffn.linear1.weight",
+    for name in ("class_embed.weight", "transformer.decoder.box_head.layers.0.weight",
+                 "transformer.decoder.layers.0.ffn.linear1.weight",
                  "backbone.net.vit.encoder.layer.0.attention.q_proj.base_layer.weight",
                  "backbone.net.vit.encoder.layer.0.attention.q_proj.lora_A.default.weight",
                  "backbone.stages.1.0.weight"):
@@ -328,12 +328,12 @@ def test_deformable_sampling_offsets_and_reference_points_get_the_low_lr(tiny_cf
     model = build_model(cfg)
     groups = _group_of(model, build_optimizer(cfg, model))
     base = cfg.SOLVER.BASE_LR
-    low = [n for n in groups if "sampling_offsets.weight" in n or n == "transformer.reference_points.weight"]
-    assert "transformer.reference_points.weight" in low and len(low) == 1 + 1 + cfg.MODEL.DETR.DEC_LAYERS
+    low = [n for n in groups if "sampling_offsets.weight" in n or n == "transformer.queries.reference_points.weight"]
+    assert "transformer.queries.reference_points.weight" in low and len(low) == 1 + 1 + cfg.MODEL.DETR.DEC_LAYERS
     for name in low:
         assert groups[name]["lr"] == pytest.approx(base * 0.1), name
-    assert groups["transformer.decoder_layers.0.cross_attn.value_proj.weight"]["lr"] == pytest.approx(base)
-    assert groups["transformer.decoder_layers.0.cross_attn.attention_weights.weight"]["lr"] == pytest.approx(base)
+    assert groups["transformer.decoder.layers.0.cross_attn.value_proj.weight"]["lr"] == pytest.approx(base)
+    assert groups["transformer.decoder.layers.0.cross_attn.attention_weights.weight"]["lr"] == pytest.approx(base)
 
 
 def test_anchor_boxes_and_denoising_label_embeddings_have_no_weight_decay(tiny_cfg):
@@ -345,8 +345,8 @@ def test_anchor_boxes_and_denoising_label_embeddings_have_no_weight_decay(tiny_c
     model = build_model(cfg)
     groups = _group_of(model, build_optimizer(cfg, model))
     assert cfg.SOLVER.WEIGHT_DECAY > 0
-    assert groups["transformer.anchor_boxes"]["weight_decay"] == 0.0
-    assert groups["transformer.content_queries"]["weight_decay"] == 0.0
+    assert groups["transformer.queries.anchor_boxes"]["weight_decay"] == 0.0
+    assert groups["transformer.queries.content"]["weight_decay"] == 0.0
     assert groups["denoising.label_embed.weight"]["weight_decay"] == 0.0
 
 

@@ -110,7 +110,7 @@ def test_train_stream_resumes_at_any_batch_with_aspect_grouping():
 
 
 def test_train_stream_replays_repeat_factor_and_curriculum_samplers():
-    from dinodet2.data.curriculum import CurriculumSampler
+    from dinodet2.data.curriculum_sampler import CurriculumSampler
 
     samplers = [
         lambda: RepeatFactorTrainingSampler(torch.tensor([1.0, 2.5, 1.0, 0.5, 3.0]), seed=11),

@@ -9,13 +9,14 @@ from detectron2.modeling import build_model
 
 from dinodet2.engine import AdaLoraBudgetHook, Dinodet2Checkpointer, build_optimizer
 from dinodet2.modeling.backbone.lora import (
+    adalora_orthogonal_regularization,
     adalora_rank_allocation,
     find_adalora_tuner,
     merge_lora_,
-    trainable_parameter_report,
 )
+from dinodet2.param_report import trainable_parameter_report
 
-from test_detr import _train_batch
+from conftest import make_train_batch as _train_batch
 
 
 def _lora_modules(model):
@@ -306,6 +307,53 @@ def test_adalora_invalid_schedule(tiny_cfg):
                             "MODEL.LORA.ADALORA.TFINAL": 5, "SOLVER.MAX_ITER": 10})
     with pytest.raises(ValueError, match="TINIT"):
         build_model(cfg)
+
+
+_ADALORA = {"MODEL.LORA.ADALORA.ENABLED": True, "MODEL.LORA.ADALORA.INIT_R": 4, "MODEL.LORA.ADALORA.TARGET_R": 2,
+            "MODEL.LORA.ADALORA.TINIT": 1, "MODEL.LORA.ADALORA.TFINAL": 1, "SOLVER.MAX_ITER": 10}
+
+
+@pytest.mark.parametrize("backbone", ["build_dinov2_backbone", "build_dinov2_sfp_backbone"])
+def test_backbone_extra_losses_hold_the_weighted_adalora_orthogonality_term(tiny_cfg, backbone):
+    cfg = _cfg(tiny_cfg, **_ADALORA, **{"MODEL.LORA.ADALORA.ORTH_REG_WEIGHT": 0.25,
+                                         "MODEL.BACKBONE.NAME": backbone})
+    model = build_model(cfg)
+    with torch.no_grad():  # make P P^T != I, so the term is not zero by chance
+        for name, param in model.backbone.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.normal_()
+    losses = model.backbone.extra_losses()
+    assert list(losses) == ["loss_adalora_orth"]
+    expected = 0.25 * adalora_orthogonal_regularization(find_adalora_tuner(model))
+    assert losses["loss_adalora_orth"].item() == pytest.approx(expected.item()) and expected.item() > 0
+    assert losses["loss_adalora_orth"].requires_grad
+
+
+@pytest.mark.parametrize("backbone", ["build_dinov2_backbone", "build_dinov2_sfp_backbone"])
+@pytest.mark.parametrize("overrides", [{}, {"MODEL.LORA.ENABLED": False},
+                                       {**_ADALORA, "MODEL.LORA.ADALORA.ORTH_REG_WEIGHT": 0.0}],
+                         ids=["lora", "no-adapters", "adalora-weight-0"])
+def test_backbone_extra_losses_are_empty_without_adalora_regularization(tiny_cfg, backbone, overrides):
+    model = build_model(_cfg(tiny_cfg, **overrides, **{"MODEL.BACKBONE.NAME": backbone}))
+    assert model.backbone.extra_losses() == {}
+
+
+def test_trainer_build_model_logs_the_parameter_summary(tiny_cfg, caplog):
+    import logging
+
+    from dinodet2.engine import Trainer
+
+    logger = logging.getLogger("dinodet2.param_report")
+    logger.addHandler(caplog.handler)  # whether or not a setup_logger stopped propagation
+    caplog.set_level(logging.INFO, logger=logger.name)
+    try:
+        model = Trainer.build_model(_cfg(tiny_cfg))
+    finally:
+        logger.removeHandler(caplog.handler)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == logger.name)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"Parameters of DETR: total {total:,}" in text
+    assert f"lora/query {trainable_parameter_report(model)['lora/query']:,}" in text
 
 
 def test_param_report_tool(tmp_path):

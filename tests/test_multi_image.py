@@ -257,9 +257,10 @@ def test_mapper_is_deterministic_under_a_seed_and_carries_label_weights(tiny_cfg
                                                                                    outputs[2]["image"])
     weights = outputs[0]["instances"].gt_weights
     assert len(weights) == len(outputs[0]["instances"]) and (weights > 0).all() and (weights < 1).any()
-    mapper.multi_image.active = False  # the schedule hook's switch: back to the plain single-image path
+    plain_mapper = DetrDatasetMapper(tiny_cfg, is_train=True, dataset_dicts=dicts, strong_augmentation=False)
+    assert plain_mapper.multi_image is None  # the data schedule's last iterations: single-image path only
     np.random.seed(0)
-    plain = mapper(dicts[0])
+    plain = plain_mapper(dicts[0])
     assert not plain["instances"].has("gt_weights") and len(plain["instances"]) == 6
 
 

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 from detectron2.modeling import build_model
 
+from dinodet2.modeling.classification import build_classification
 from dinodet2.modeling.transformer import (
     DetrTransformer,
+    MultiLevelTokens,
     box_sine_embedding,
     inverse_sigmoid,
     to_level_coordinates,
@@ -18,7 +20,7 @@ from dinodet2.modeling.transformer import (
     valid_ratios,
 )
 
-from test_detr import _instances, _train_batch
+from conftest import make_instances as _instances, make_train_batch as _train_batch
 
 
 def test_token_anchors_normalised_by_each_images_valid_extent():
@@ -57,14 +59,25 @@ def test_inverse_sigmoid_and_box_sine_embedding():
     assert emb.abs().max() <= 1.0
 
 
-def _transformer(**kwargs):
+# DetrTransformer.from_config keys of the unit tests below (MODEL.DETR.*)
+_QUERY_KEYS = {"learned": {}, "anchor": {"ANCHOR_QUERIES": True}, "two_stage": {"TWO_STAGE": True}}
+
+
+def _transformer(query_type="learned", num_levels=1, **keys):
+    """A small DetrTransformer built from MODEL.DETR keys (dotted names with "__", e.g. DEFORMABLE__DECODER)."""
+    from conftest import make_tiny_cfg
+
     torch.manual_seed(0)
-    defaults = dict(d_model=32, nhead=2, num_decoder_layers=3, dim_feedforward=32, dropout=0.0, num_queries=6)
-    defaults.update(kwargs)
-    return DetrTransformer(**defaults)
+    cfg = make_tiny_cfg()
+    c = cfg.MODEL.DETR
+    c.HIDDEN_DIM, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT, c.NUM_QUERIES = 32, 2, 3, 32, 0.0, 6
+    c.CLASS_LOSS, c.NUM_CLASSES = "focal", 3
+    for key, value in {**_QUERY_KEYS[query_type], **keys}.items():
+        cfg.merge_from_list([f"MODEL.DETR.{key.replace('__', '.')}", value])
+    return DetrTransformer.from_config(cfg, build_classification("focal", 3), num_levels)
 
 
-def _inputs(batch=2, sizes=((4, 5), (2, 3)), d=32, seed=0):
+def _tokens(batch=2, sizes=((4, 5), (2, 3)), d=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     level_masks = [torch.zeros(batch, h, w, dtype=torch.bool) for h, w in sizes]
     level_masks[0][-1, :, -1] = True  # some padding in the last image
@@ -73,17 +86,30 @@ def _inputs(batch=2, sizes=((4, 5), (2, 3)), d=32, seed=0):
     pos = torch.randn(batch, n, d, generator=g)
     mask = torch.cat([m.flatten(1) for m in level_masks], 1)
     shapes = torch.tensor(sizes, dtype=torch.int64)
-    return src, mask, pos, level_masks, shapes
+    return MultiLevelTokens(src, pos, level_masks, mask, shapes, valid_ratios(level_masks))
+
+
+def test_multilevel_tokens_from_levels_flatten_level_after_level():
+    srcs = [torch.randn(2, 8, 4, 5), torch.randn(2, 8, 2, 3)]
+    poss = [torch.randn(2, 8, 4, 5), torch.randn(2, 8, 2, 3)]
+    masks = [torch.zeros(2, 4, 5, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)]
+    tokens = MultiLevelTokens.from_levels(srcs, poss, masks)
+    assert tokens.src.shape == (2, 26, 8) and torch.equal(tokens.src[:, 20:], srcs[1].flatten(2).transpose(1, 2))
+    assert tokens.mask is None  # no padding: attention may take the fused path
+    assert tokens.spatial_shapes.tolist() == [[4, 5], [2, 3]]
+    masks[1][0, :, -1] = True
+    assert MultiLevelTokens.from_levels(srcs, poss, masks).mask[0, 20:].tolist() == [False, False, True] * 2
 
 
 def test_padding_tokens_are_never_selected():
-    t = _transformer(query_type="two_stage", num_logits=3)
+    t = _transformer("two_stage")
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     mask[0, :, 2:] = True  # only 8 valid tokens
     memory = torch.randn(1, 16, 32)
     with torch.no_grad():  # make padding tokens the most confident ones
         memory[0, mask.flatten(1)[0]] *= 100
-    proposals = t.propose(memory, [mask])
+    tokens = MultiLevelTokens(memory, memory, [mask], mask.flatten(1), torch.tensor([[4, 4]]), valid_ratios([mask]))
+    proposals = t.queries.propose(tokens, memory)
     top = proposals["scores"].topk(6, dim=1).indices[0]
     assert not mask.flatten()[top].any()
     # padding tokens are pure background for the encoder loss
@@ -103,31 +129,41 @@ class ConstantDelta(nn.Module):
 
 @pytest.mark.parametrize("refine", [True, False])
 def test_boxes_are_relative_to_the_reference_with_or_without_refinement(refine):
-    t = _transformer(query_type="anchor", refine_boxes=refine).eval()
-    src, mask, pos, level_masks, shapes = _inputs(sizes=((4, 5),))
+    t = _transformer("anchor", ITERATIVE_REFINEMENT=refine).eval()
     delta = [0.1, -0.2, 0.3, 0.05]
+    t.decoder.box_head = ConstantDelta(delta)
     with torch.no_grad():
-        _, boxes, _ = t(src, mask, pos, level_masks, shapes, ConstantDelta(delta))
-        anchors = inverse_sigmoid(t.anchor_boxes.sigmoid())
+        _, boxes, _ = t(_tokens(sizes=((4, 5),)))
+        anchors = inverse_sigmoid(t.queries.anchor_boxes.sigmoid())
     for layer in range(3):
         steps = layer + 1 if refine else 1  # refinement accumulates the delta layer after layer
         expected = (anchors + steps * torch.tensor(delta)).sigmoid()
         assert torch.allclose(boxes[layer, 0], expected, atol=1e-4), layer
 
 
+def test_seed_queries_predict_boxes_without_a_reference():
+    t = _transformer("learned").eval()
+    with torch.no_grad():
+        states, boxes, proposals = t(_tokens())
+        expected = t.decoder.box_head(states).sigmoid()
+    assert proposals is None and torch.allclose(boxes, expected)
+
+
 @pytest.mark.parametrize("look_forward_twice", [True, False])
 def test_look_forward_twice_lets_a_layer_loss_train_the_previous_layer(look_forward_twice):
-    t = _transformer(query_type="two_stage", num_logits=3, look_forward_twice=look_forward_twice)
+    t = _transformer("two_stage", LOOK_FORWARD_TWICE=look_forward_twice)
     head = nn.Linear(32, 4)
     deltas = []
 
-    def box_head(x):
-        out = head(x)
-        out.retain_grad()
-        deltas.append(out)
-        return out
+    class RecordingHead(nn.Module):
+        def forward(self, x):
+            out = head(x)
+            out.retain_grad()
+            deltas.append(out)
+            return out
 
-    _, boxes, _ = t(*_inputs(), box_head)
+    t.decoder.box_head = RecordingHead()
+    _, boxes, _ = t(_tokens())
     boxes[1].sum().backward()
     # Layer 0's predicted delta reaches layer 1's box only through the undetached previous box.
     has_grad = deltas[0].grad is not None and deltas[0].grad.abs().sum() > 0
@@ -135,38 +171,39 @@ def test_look_forward_twice_lets_a_layer_loss_train_the_previous_layer(look_forw
 
 
 def test_learned_queries_with_deformable_decoder_use_point_references():
-    t = _transformer(query_type="learned", deformable_decoder=True, num_levels=2, refine_boxes=False).eval()
-    query_embed = torch.randn(6, 32)
+    t = _transformer("learned", num_levels=2, DEFORMABLE__DECODER=True, ITERATIVE_REFINEMENT=False).eval()
+    t.decoder.box_head = ConstantDelta([0.0, 0.0, 0.0, 0.0])
     with torch.no_grad():
-        _, boxes, _ = t(*_inputs(), ConstantDelta([0.0, 0.0, 0.0, 0.0]), query_embed=query_embed)
-        points = t.reference_points(query_embed).sigmoid()
+        _, boxes, _ = t(_tokens())
+        points = t.queries.reference_points(t.queries.query_pos).sigmoid()
     # zero delta: centre = reference point, size = sigmoid(0)
     assert torch.allclose(boxes[0, 0, :, :2], points, atol=1e-5)
     assert torch.allclose(boxes[0, 0, :, 2:], torch.full((6, 2), 0.5))
 
 
 def test_deformable_encoder_output_depends_on_each_level():
-    t = _transformer(num_encoder_layers=1, deformable_encoder=True, num_levels=2).eval()
-    src, mask, pos, level_masks, shapes = _inputs()
-    refs = to_level_coordinates(token_anchors(level_masks)[0][..., :2], valid_ratios(level_masks))
+    t = _transformer(num_levels=2, ENC_LAYERS=1, DEFORMABLE__ENCODER=True).eval()
+    tokens = _tokens()
     with torch.no_grad():
-        base = t.encode(src, mask, pos, shapes, refs)
-        changed = src.clone()
+        base = t.encoder(tokens)
+        changed = tokens.src.clone()
         changed[:, 20:] += 1.0  # only the second level's tokens
-        out = t.encode(changed, mask, pos, shapes, refs)
-    assert base.shape == src.shape
+        out = t.encoder(tokens.with_src(changed))
+    assert base.shape == tokens.src.shape
     assert not torch.allclose(base[:, :20], out[:, :20])  # level-0 tokens attend to level 1
+    refs = to_level_coordinates(token_anchors(tokens.level_masks)[0][..., :2], tokens.ratios)
+    assert refs.shape == (2, 26, 2, 2)
 
 
 def test_invalid_transformer_options():
     with pytest.raises(ValueError, match="LOOK_FORWARD_TWICE"):
-        _transformer(query_type="anchor", refine_boxes=False, look_forward_twice=True)
-    with pytest.raises(ValueError, match="query_type"):
-        _transformer(query_type="dab")
+        _transformer("anchor", ITERATIVE_REFINEMENT=False, LOOK_FORWARD_TWICE=True)
     with pytest.raises(ValueError, match="DEFORMABLE.NHEADS"):
-        _transformer(deformable_decoder=True, deformable_heads=5)
+        _transformer(DEFORMABLE__DECODER=True, DEFORMABLE__NHEADS=5)
     with pytest.raises(ValueError, match="NUM_POINTS"):
-        _transformer(deformable_decoder=True, num_points=0)
+        _transformer(DEFORMABLE__DECODER=True, DEFORMABLE__NUM_POINTS=0)
+    with pytest.raises(ValueError, match="NUM_QUERIES"):
+        _transformer(NUM_QUERIES=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +302,7 @@ def test_deformable_attention_levels_follow_in_features(tiny_cfg):
                             "MODEL.DETR.DEFORMABLE.DECODER": True, "MODEL.DETR.DEFORMABLE.NUM_POINTS": 3,
                             "MODEL.DETR.DEFORMABLE.NHEADS": 4})
     model = build_model(cfg)
-    attn = model.transformer.decoder_layers[0].cross_attn
+    attn = model.transformer.decoder.layers[0].cross_attn
     assert (attn.num_levels, attn.num_points, attn.num_heads) == (4, 3, 4)
 
 

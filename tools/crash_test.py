@@ -26,7 +26,15 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+sys.path.insert(0, REPO)
+
+from dinodet2.benchmarking.training_runs import (  # noqa: E402
+    TRAIN_NET,
+    latest_scalars,
+    metrics_by_iteration,
+    read_metrics_records,
+    train_net_command,
+)
 
 
 def parse_args(argv=None):
@@ -44,11 +52,10 @@ def parse_args(argv=None):
 
 
 def train_command(args, output_dir, resume):
-    cmd = [sys.executable, TRAIN_NET, "--config-file", args.config_file]
-    if resume:
-        cmd.append("--resume")
-    return cmd + ["OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", str(args.iters), "SEED", str(args.seed),
-                  "SOLVER.CHECKPOINT_PERIOD", str(args.checkpoint_period), *args.opts]
+    return train_net_command(args.config_file, ["OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", str(args.iters),
+                                                "SEED", str(args.seed), "SOLVER.CHECKPOINT_PERIOD",
+                                                str(args.checkpoint_period), *args.opts],
+                             resume=resume, script=os.path.join(REPO, TRAIN_NET))
 
 
 TRAINING_STARTED = "Starting training from iteration"  # Detectron2's TrainerBase.train logs it
@@ -76,18 +83,6 @@ def run(cmd, log_path, kill_after=None):
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log_path}.")
     return False, time.time() - (started or time.time())
-
-
-def read_metrics(output_dir):
-    """metrics.json as {iteration: entry}; an iteration logged again after a resume keeps its last entry."""
-    entries = {}
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                entry = json.loads(line)
-                entries.setdefault(entry["iteration"], {}).update(entry)
-    return entries
 
 
 def _checkpoint_iteration(output_dir):
@@ -131,10 +126,8 @@ def compare_weights(path_a, path_b):
 
 
 def final_metrics(entries):
-    last = {}
-    for it in sorted(entries):
-        last.update({k: v for k, v in entries[it].items() if k.startswith("bbox/")})
-    return last
+    """The last ``bbox/*`` values in iteration order."""
+    return latest_scalars([entries[it] for it in sorted(entries)], "bbox/")
 
 
 def main(argv=None):
@@ -170,7 +163,7 @@ def main(argv=None):
         kills.append({"seconds_into_training": round(seconds, 1), "last_checkpoint": last})
         print(f"[crash_test]   kill -9 {seconds:.1f} s into training (last checkpoint: {last})", flush=True)
 
-    straight, resumed = read_metrics(straight_dir), read_metrics(crashed_dir)
+    straight, resumed = (metrics_by_iteration(read_metrics_records(d)) for d in (straight_dir, crashed_dir))
     summary = {
         "config": os.path.relpath(args.config_file, REPO), "iters": args.iters, "seed": args.seed,
         "checkpoint_period": args.checkpoint_period, "opts": args.opts,

@@ -18,8 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.modeling import build_model  # noqa: E402
 
+from dinodet2.benchmarking import checkpoint_sizes  # noqa: E402
 from dinodet2.config import load_dinodet2_config  # noqa: E402
-from dinodet2.modeling.backbone.lora import family_of, layer_index_of, trainable_parameter_report  # noqa: E402
+from dinodet2.modeling.backbone.lora import family_of, layer_index_of  # noqa: E402
+from dinodet2.param_report import trainable_parameter_report  # noqa: E402
 
 
 def lora_modules(model):
@@ -33,22 +35,6 @@ def lora_modules(model):
                          "alpha": module.lora_alpha.get("default"),
                          "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)})
     return rows
-
-
-def checkpoint_sizes(model):
-    """Bytes of torch.save'd full and trainable-only model state dicts (SOLVER.CHECKPOINT_TRAINABLE_ONLY)."""
-    import io
-
-    import torch
-
-    from dinodet2.engine import trainable_state_dict
-
-    sizes = {}
-    for kind, state in (("full", model.state_dict()), ("trainable_only", trainable_state_dict(model))):
-        buffer = io.BytesIO()
-        torch.save({"model": state}, buffer)
-        sizes[kind] = buffer.tell()
-    return sizes
 
 
 def main(argv=None):

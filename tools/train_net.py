@@ -15,22 +15,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from dinodet2 import add_dinodet2_config  # noqa: E402
+from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer, Trainer, prepare_datasets  # noqa: E402
 
 
 def setup(args):
     """Config from defaults + dinodet2 defaults + YAML file + command-line overrides."""
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_dinodet2_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dinodet2")
     return cfg

@@ -65,9 +65,7 @@ def main(argv=None):
     cfg = load_dinodet2_config(args.config_file, args.opts)
     check_datasets_exist(list(cfg.DATASETS.TRAIN))
     dataset = train_dataset_dicts(cfg)
-    mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
-    if mapper.multi_image is not None and args.no_strong:
-        mapper.multi_image.active = False
+    mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset, strong_augmentation=not args.no_strong)
     metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     np.random.seed(args.seed)  # the mapper's (and Detectron2 augmentations') random generator
     tiles = []

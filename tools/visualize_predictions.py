@@ -13,12 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from dinodet2 import add_dinodet2_config  # noqa: E402
+from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.data import check_datasets_exist  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
 
@@ -45,11 +44,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS path")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_dinodet2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_dinodet2_config(args.config_file, args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     check_datasets_exist([dataset])
     predictor = build_predictor(cfg)

@@ -11,7 +11,7 @@ from .checks import (
     check_num_classes,
     drop_images_without_usable_annotations,
 )
-from .curriculum import CurriculumSampler, build_curriculum_sampler, difficulty_scores
+from .curriculum_sampler import CurriculumSampler, build_curriculum_sampler, difficulty_scores
 from .image_io import UnreadableImageError, UnsupportedImageError, read_image
 from .mapper import DetrDatasetMapper, clip_and_filter_annotations, eval_dataset_dicts, train_dataset_dicts
 from .multi_image_pipeline import MultiImageAugmentation
@@ -25,6 +25,7 @@ from .shapes import (
     register_shapes_datasets,
     render_shapes_image,
 )
+from .train_schedule import TrainDataSchedule
 
 register_shapes_datasets()
 
@@ -37,6 +38,7 @@ __all__ = [
     "UnsupportedImageError",
     "build_curriculum_sampler",
     "SHAPES_CLASSES",
+    "TrainDataSchedule",
     "check_dataset_not_empty",
     "check_datasets_exist",
     "check_num_classes",

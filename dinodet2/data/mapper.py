@@ -19,7 +19,7 @@ from .box_filters import MIN_BOX_SIZE, clip_and_filter_annotations, filter_by_vi
 from .checks import check_dataset_not_empty, check_num_classes, drop_images_without_usable_annotations
 from .image_io import UnreadableImageError, read_image
 from .multi_image import Sample
-from .multi_image_pipeline import MultiImageAugmentation, read_sample
+from .multi_image_pipeline import MultiImageAugmentation, multi_image_enabled, read_sample
 
 __all__ = ["DetrDatasetMapper", "clip_and_filter_annotations", "eval_dataset_dicts", "filter_by_visibility",
            "train_dataset_dicts"]
@@ -84,15 +84,17 @@ class DetrDatasetMapper(DatasetMapper):
       for images without (usable) annotations. Outputs are box-only: segmentations, keypoints,
       ``sem_seg_file_name`` and precomputed proposals are not mapped.
     * Training applies the multi-image augmentations of ``INPUT.AUG.*`` (Mosaic, MixUp, CutMix,
-      Copy-Paste; :class:`MultiImageAugmentation`) before the single-image ones while
-      ``multi_image.active``; such outputs are box-only and, with MixUp label weighting, carry
-      ``instances.gt_weights``.
+      Copy-Paste; :class:`MultiImageAugmentation`) before the single-image ones, unless built
+      with ``strong_augmentation=False``; such outputs are box-only and, with MixUp label
+      weighting, carry ``instances.gt_weights``.
     """
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True, dataset_dicts=None):
+    def from_config(cls, cfg, is_train: bool = True, dataset_dicts=None, strong_augmentation: bool = True):
         """``dataset_dicts``: the training set multi-image augmentations draw from (default: read
-        ``DATASETS.TRAIN`` like Detectron2's train loader, only if such an augmentation is on)."""
+        ``DATASETS.TRAIN`` like Detectron2's train loader, only if such an augmentation is on).
+        ``strong_augmentation=False``: without the multi-image augmentations (the last iterations
+        of :class:`~dinodet2.data.train_schedule.TrainDataSchedule`)."""
         ret = super().from_config(cfg, is_train)
         if is_train:
             from .augmentations import build_train_augmentations
@@ -101,8 +103,7 @@ class DetrDatasetMapper(DatasetMapper):
             if cfg.INPUT.CROP.ENABLED:  # Detectron2's own crop option, kept as in DatasetMapper
                 augs.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
             ret["augmentations"] = augs
-            aug = cfg.INPUT.AUG
-            if any(op.ENABLED for op in (aug.MOSAIC, aug.MIXUP, aug.CUTMIX, aug.COPY_PASTE)):
+            if strong_augmentation and multi_image_enabled(cfg):
                 if dataset_dicts is None:
                     dataset_dicts = train_dataset_dicts(cfg)
                 ret["multi_image"] = MultiImageAugmentation.from_config(cfg, dataset_dicts)
@@ -141,10 +142,9 @@ class DetrDatasetMapper(DatasetMapper):
                 "to the image.",
                 key="message",
             )
-        multi_image = self.multi_image is not None and self.multi_image.active
-        if multi_image:
-            sample = self.multi_image(sample)
-        return self.map_sample(dataset_dict, sample, weighted=multi_image and self.multi_image.label_weighting)
+        if self.multi_image is None:
+            return self.map_sample(dataset_dict, sample)
+        return self.map_sample(dataset_dict, self.multi_image(sample), weighted=self.multi_image.label_weighting)
 
     def map_for_inference(self, dataset_dict):
         """Inference output, as Detectron2's ``DatasetMapper``: the resized ``image``; ``height`` /

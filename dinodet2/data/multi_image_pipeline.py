@@ -4,9 +4,9 @@
 dataloader workers). It holds the training set serialised once (Detectron2's
 ``DatasetFromList``) and draws the extra images of every operation at random from it with
 ``numpy.random`` -- the generator Detectron2 seeds per worker from ``SEED`` -- so a run is
-deterministic for a fixed seed and number of workers. :attr:`MultiImageAugmentation.active` is
-the switch :class:`dinodet2.engine.hooks.StrongAugmentationScheduleHook` turns off for the last
-iterations.
+deterministic for a fixed seed and number of workers. For the last iterations
+(``INPUT.AUG.STRONG_OFF_LAST_ITERS``) the training loader is rebuilt with a mapper that has none
+(:class:`dinodet2.data.train_schedule.TrainDataSchedule`).
 
 Copy-Paste draws objects, not images: an object of class ``c`` is drawn with probability
 proportional to ``n_c ** -RARE_CLASS_POWER`` where ``n_c`` is the number of (non-crowd)
@@ -28,12 +28,18 @@ from .box_filters import clip_and_filter_annotations
 from .image_io import read_image
 from .multi_image import PasteObject, Sample, copy_paste, cutmix, fit_inside, mixup, mosaic
 
-__all__ = ["MultiImageAugmentation", "ObjectIndex", "cut_object", "read_sample"]
+__all__ = ["MultiImageAugmentation", "ObjectIndex", "cut_object", "multi_image_enabled", "read_sample"]
 
 logger = logging.getLogger(__name__)
 
 # Extra images that cannot be read are replaced by other random images this many times.
 MAX_DRAW_ATTEMPTS = 10
+
+
+def multi_image_enabled(cfg) -> bool:
+    """Whether ``INPUT.AUG`` enables any multi-image operation (Mosaic, MixUp, CutMix, Copy-Paste)."""
+    aug = cfg.INPUT.AUG
+    return any(op.ENABLED for op in (aug.MOSAIC, aug.MIXUP, aug.CUTMIX, aug.COPY_PASTE))
 
 
 def _probability(value, key):
@@ -154,7 +160,6 @@ class MultiImageAugmentation:
         # loader's own DatasetFromList is reused when given, so the dataset is held once.
         self.dataset = (dataset_dicts if isinstance(dataset_dicts, DatasetFromList)
                         else DatasetFromList(list(dataset_dicts), copy=False, serialize=True))
-        self.active = True
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts) -> Optional["MultiImageAugmentation"]:
@@ -217,8 +222,6 @@ class MultiImageAugmentation:
 
     def __call__(self, sample: Sample, rng=np.random) -> Sample:
         """Apply each enabled operation with its probability, in the order of the module docstring."""
-        if not self.active:
-            return sample
         if self.mosaic_args and rng.rand() < self.mosaic_args["prob"]:
             sample = self.apply_mosaic(sample, rng)
         if self.mixup_args and rng.rand() < self.mixup_args["prob"]:

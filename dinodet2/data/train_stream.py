@@ -9,7 +9,7 @@ others. Here:
 
 * :class:`TrainStream` wraps any index sampler (Detectron2's ``TrainingSampler``,
   ``RepeatFactorTrainingSampler``, ``RandomSubsetTrainingSampler``, the weighted samplers, our
-  :class:`~dinodet2.data.curriculum.CurriculumSampler`; all seeded explicitly). It tags every index
+  :class:`~dinodet2.data.curriculum_sampler.CurriculumSampler`; all seeded explicitly). It tags every index
   with its position in the global stream, groups this rank's indices into batches of equal
   aspect-ratio orientation itself (Detectron2's ``AspectRatioGroupedDataset`` rule, ``width >
   height`` or not, from the dataset dicts) so that every ``batch_size`` consecutive tokens form one
@@ -88,7 +88,7 @@ def build_index_sampler(cfg, dataset_dicts: Sequence[dict], seed: int) -> Sample
         if name != "TrainingSampler":
             raise ValueError("CURRICULUM.SAMPLING.ENABLED replaces the training sampler; it cannot be combined "
                              f"with DATALOADER.SAMPLER_TRAIN='{name}' (use 'TrainingSampler').")
-        from .curriculum import build_curriculum_sampler
+        from .curriculum_sampler import build_curriculum_sampler
 
         return build_curriculum_sampler(cfg, dataset_dicts, seed=seed)
     if name == "TrainingSampler":
@@ -123,7 +123,7 @@ class TrainStream(Sampler):
     Args:
         sampler: an infinite index sampler whose ``__iter__`` yields this rank's share of a global
             stream, ``islice(global, rank, None, world_size)`` (every Detectron2 training sampler
-            and :class:`~dinodet2.data.curriculum.CurriculumSampler` do).
+            and :class:`~dinodet2.data.curriculum_sampler.CurriculumSampler` do).
         batch_size: images per batch on this rank (``SOLVER.IMS_PER_BATCH / world_size``).
         groups: per-image aspect-ratio bucket (:func:`aspect_ratio_groups`) to batch only images of
             one bucket together, or None for batches in stream order.

@@ -1,5 +1,5 @@
 from .checkpoint import Dinodet2Checkpointer, remap_lora_keys, trainable_state_dict
-from .curriculum import CurriculumHook
+from .curriculum_schedules import CurriculumHook
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
 from .optimizer import build_optimizer, build_param_groups
-from .trainer import Trainer, check_amp_available, prepare_datasets, strong_augmentation_off_iter, wrap_ddp
+from .trainer import Trainer, check_amp_available, prepare_datasets, wrap_ddp

@@ -258,6 +258,8 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics", False):
             _strip_prefix_if_present(checkpoint["model"], "module.")  # checkpoints of DDP-wrapped models
+            if hasattr(self.model, "upgrade_state_dict"):  # keys renamed since the checkpoint was written
+                checkpoint["model"] = self.model.upgrade_state_dict(checkpoint["model"])
             checkpoint["model"] = remap_lora_keys(checkpoint["model"], self.model.state_dict().keys())
             if checkpoint.get("dinodet2_format") == TRAINABLE_ONLY:
                 checkpoint["model"] = self._complete_trainable_only(checkpoint["model"])

@@ -2,11 +2,12 @@
 import json
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..data.train_schedule import TrainDataSchedule
 from ..modeling.backbone.lora import adalora_rank_allocation, find_adalora_tuner
 
 logger = logging.getLogger(__name__)
@@ -50,41 +51,38 @@ class AdaLoraBudgetHook(HookBase):
 
 
 class TrainLoaderScheduleHook(HookBase):
-    """Keeps the training data loader in step with the iteration: starts it at the resumed
-    iteration and switches the strong multi-image augmentations off for the last iterations.
+    """Keeps the training data loader in step with the iteration and its
+    :class:`~dinodet2.data.train_schedule.TrainDataSchedule`: starts it at the resumed iteration and
+    replaces it when the schedule switches the strong multi-image augmentations off.
 
-    Data loading runs in worker processes that see neither the trainer nor its iteration, so a
-    state change means a new loader: ``build_loader(start_iter, strong_augmentation)`` is handed
-    to Detectron2's ``SimpleTrainer.reset_data_loader`` (new workers, forked with the new state)
-    when training resumes at iteration > 0, before the first step (the loader is a function of the
-    run's seed and the iteration, so a resumed run sees the batches an uninterrupted one sees), and
-    at iteration ``strong_off_iter`` (YOLOX's "no-aug" epochs). With a switch-off iteration, the
-    current state is logged as ``data/strong_augmentation`` (1 on, 0 off).
+    ``build_loader(start_iter)`` builds the loader from batch ``start_iter`` on, in that iteration's
+    state (a function of the run's seed and the iteration, so a resumed run sees the batches an
+    uninterrupted one sees). It is handed to Detectron2's ``SimpleTrainer.reset_data_loader`` (new
+    workers) when training resumes at iteration > 0, before the first step, and at the first
+    iteration whose state differs from the current loader's. With a switch-off iteration, the
+    state is logged as ``data/strong_augmentation`` (1 on, 0 off).
     """
 
-    def __init__(self, build_loader: Callable[[int, bool], object], strong_off_iter: Optional[int] = None):
+    def __init__(self, build_loader: Callable[[int], object], schedule: TrainDataSchedule):
         self.build_loader = build_loader
-        self.strong_off_iter = strong_off_iter
-        self._strong = True
+        self.schedule = schedule
+        self._loader_start = 0  # the iteration the current loader was built for
 
-    def _strong_at(self, iteration: int) -> bool:
-        return self.strong_off_iter is None or iteration < self.strong_off_iter
-
-    def _reset(self, iteration: int, strong: bool) -> None:
+    def _reset(self, iteration: int) -> None:
         logger.info("Rebuilding the training data loader at iteration %d (strong multi-image augmentation %s).",
-                    iteration, "on" if strong else "off")
-        self.trainer._trainer.reset_data_loader(lambda: self.build_loader(iteration, strong))
-        self._strong = strong
+                    iteration, "on" if self.schedule.strong_augmentation_at(iteration) else "off")
+        self.trainer._trainer.reset_data_loader(lambda: self.build_loader(iteration))
+        self._loader_start = iteration
 
     def before_train(self):
-        start = self.trainer.iter
-        strong = self._strong_at(start)
-        if start > 0:
-            self._reset(start, strong)
-        self._strong = strong
+        self._loader_start = 0  # the trainer builds its first loader for iteration 0
+        if self.trainer.iter > 0:
+            self._reset(self.trainer.iter)
 
     def before_step(self):
-        if self._strong and not self._strong_at(self.trainer.iter):
-            self._reset(self.trainer.iter, False)
-        if self.strong_off_iter is not None:
-            self.trainer.storage.put_scalar("data/strong_augmentation", float(self._strong), smoothing_hint=False)
+        iteration = self.trainer.iter
+        strong = self.schedule.strong_augmentation_at(iteration)
+        if strong != self.schedule.strong_augmentation_at(self._loader_start):
+            self._reset(iteration)
+        if self.schedule.strong_off_iter is not None:
+            self.trainer.storage.put_scalar("data/strong_augmentation", float(strong), smoothing_hint=False)

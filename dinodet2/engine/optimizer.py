@@ -13,32 +13,18 @@ import torch.nn as nn
 from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
-from ..modeling.backbone.lora import is_lora_parameter
-from ..modeling.transformer.deformable_attention import is_low_lr_param
+from ..modeling.param_roles import LR_ROLES, declared_parameter_roles
 
 NORM_MODULE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                      ChannelLayerNorm)
-# Parameters with one of these local names are embeddings (no weight decay by default).
-EMBEDDING_PARAM_NAMES = ("query_embed", "content_queries", "anchor_boxes", "level_embed", "position_embeddings",
-                         "cls_token", "register_tokens", "mask_token")
 
 
-def lr_factor_for(name: str, cfg) -> float:
-    """LR multiplier of a parameter from its full name."""
-    if not name.startswith("backbone."):
-        # Deformable attention's sampling offsets and reference-point projections: x0.1 by default.
-        return cfg.SOLVER.DEFORMABLE_LR_MULTIPLIER if is_low_lr_param(name) else 1.0
-    if ".stages." in name:  # the neck trains at the base LR
-        return 1.0
-    return cfg.SOLVER.LORA_LR_MULTIPLIER if is_lora_parameter(name) else cfg.SOLVER.BACKBONE_LR_MULTIPLIER
-
-
-def weight_decay_for(module: nn.Module, param_name: str, cfg) -> float:
-    """Weight decay of a parameter: none (by default) on norms, biases and embeddings."""
+def weight_decay_for(module: nn.Module, param_name: str, declared_no_decay: bool, cfg) -> float:
+    """Weight decay of a parameter: none (by default) on norms, biases and declared embeddings."""
     s = cfg.SOLVER
     if isinstance(module, NORM_MODULE_TYPES):
         return s.WEIGHT_DECAY_NORM
-    if param_name in EMBEDDING_PARAM_NAMES or isinstance(module, nn.Embedding):
+    if declared_no_decay or isinstance(module, nn.Embedding):
         return s.WEIGHT_DECAY_EMBED
     if param_name == "bias" and s.WEIGHT_DECAY_BIAS is not None:
         return s.WEIGHT_DECAY_BIAS
@@ -46,7 +32,10 @@ def weight_decay_for(module: nn.Module, param_name: str, cfg) -> float:
 
 
 def build_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
-    """One entry per trainable parameter (LR multipliers, weight decay), merged into few groups."""
+    """One entry per trainable parameter, merged into few groups. The LR multiplier and the
+    embedding weight decay come from what the modules declare (:mod:`dinodet2.modeling.param_roles`),
+    never from parameter names."""
+    no_decay, roles = declared_parameter_roles(model)
     params, seen = [], set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -54,10 +43,13 @@ def build_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
                 continue
             seen.add(param)
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            lr = cfg.SOLVER.BASE_LR * lr_factor_for(full_name, cfg)
+            lr = cfg.SOLVER.BASE_LR
+            if full_name in roles:
+                lr *= cfg.SOLVER[LR_ROLES[roles[full_name]]]
             if param_name == "bias":
                 lr *= cfg.SOLVER.BIAS_LR_FACTOR
-            params.append({"params": [param], "lr": lr, "weight_decay": weight_decay_for(module, param_name, cfg)})
+            params.append({"params": [param], "lr": lr,
+                           "weight_decay": weight_decay_for(module, param_name, full_name in no_decay, cfg)})
     return reduce_param_groups(params)
 
 

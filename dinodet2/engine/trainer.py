@@ -11,27 +11,17 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import DetrDatasetMapper, check_datasets_exist, eval_dataset_dicts, train_dataset_dicts
+from ..data import DetrDatasetMapper, TrainDataSchedule, check_datasets_exist, eval_dataset_dicts, train_dataset_dicts
 from ..data.train_stream import SeededMapDataset, TrainStream, aspect_ratio_groups, build_index_sampler
+from ..param_report import log_parameter_summary
 from .checkpoint import Dinodet2Checkpointer
-from .curriculum import CurriculumHook
+from .curriculum_schedules import CurriculumHook
 from .exact_resume import ExactResumeHook, resolve_run_seed
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
 from .nonfinite import NonFiniteStepGuard, guarded_trainer_class
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "check_amp_available", "prepare_datasets", "strong_augmentation_off_iter", "wrap_ddp"]
-
-
-def strong_augmentation_off_iter(cfg):
-    """The iteration from which multi-image augmentations are off (None: never / none enabled)."""
-    aug = cfg.INPUT.AUG
-    last = int(aug.STRONG_OFF_LAST_ITERS)
-    if last < 0:
-        raise ValueError(f"INPUT.AUG.STRONG_OFF_LAST_ITERS must be >= 0, got {last}.")
-    if last == 0 or not any(op.ENABLED for op in (aug.MOSAIC, aug.MIXUP, aug.CUTMIX, aug.COPY_PASTE)):
-        return None
-    return max(cfg.SOLVER.MAX_ITER - last, 0)
+__all__ = ["Trainer", "check_amp_available", "prepare_datasets", "wrap_ddp"]
 
 
 def check_amp_available(cfg) -> None:
@@ -110,33 +100,35 @@ class Trainer(DefaultTrainer):
         if curriculum is not None:
             hooks.insert(1, curriculum)
         hooks.insert(1, TrainLoaderScheduleHook(
-            lambda start_iter, strong: self.build_train_loader(cfg, start_iter=start_iter, strong_augmentation=strong,
-                                                               seed=self.seed),
-            strong_off_iter=strong_augmentation_off_iter(cfg)))
+            lambda start_iter: self.build_train_loader(cfg, start_iter=start_iter, seed=self.seed),
+            TrainDataSchedule.from_config(cfg)))
         return hooks
+
+    @classmethod
+    def build_model(cls, cfg):
+        """DefaultTrainer's model; logs its parameter summary (total / trainable per component and kind)."""
+        model = super().build_model(cfg)
+        log_parameter_summary(model)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter: int = 0, strong_augmentation: bool = True, seed=None):
+    def build_train_loader(cls, cfg, start_iter: int = 0, seed=None):
         """The training loader from batch ``start_iter`` on, a function of ``seed`` (default:
         ``SEED``, or a random one shared by all ranks if it is negative) and the iteration only.
 
         Detectron2's batch loader over a :class:`TrainStream` of ``DATALOADER.SAMPLER_TRAIN``'s
         indices (or the curriculum sampler's), grouped by aspect ratio with
         ``DATALOADER.ASPECT_RATIO_GROUPING``, mapped by :class:`DetrDatasetMapper` with per-sample
-        seeds (:class:`SeededMapDataset`; multi-image augmentations draw from the same dataset).
-        ``strong_augmentation=False`` switches the multi-image augmentations off (see
-        :class:`TrainLoaderScheduleHook`)."""
+        seeds (:class:`SeededMapDataset`; multi-image augmentations draw from the same dataset,
+        on or off at ``start_iter`` as :class:`TrainDataSchedule` says)."""
         seed = resolve_run_seed(cfg) if seed is None else int(seed)
         dicts = train_dataset_dicts(cfg)
         dataset = DatasetFromList(dicts, copy=False)  # serialised once; the mapper draws from it too
-        mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
-        if mapper.multi_image is not None and not strong_augmentation:
-            mapper.multi_image.active = False
-            logging.getLogger(__name__).info("Multi-image augmentations are off from iteration %d on.", start_iter)
+        mapper = TrainDataSchedule.from_config(cfg).build_mapper(cfg, dataset, start_iter)
         world_size = comm.get_world_size()
         batch_size = cfg.SOLVER.IMS_PER_BATCH // world_size
         groups = aspect_ratio_groups(dicts) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None

@@ -5,83 +5,62 @@ losses of the matched pairs (and the no-object classification of the unmatched q
 weighted and returned in a flat dict that Detectron2's trainer sums.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage, has_event_storage
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from .matcher import CLASS_LOSSES
+from .classification import Classification
+from .matcher import HungarianMatcher
 
 
 class SetCriterion(nn.Module):
     """Computes the weighted DETR losses for the final decoder layer and every auxiliary layer.
 
     Args:
-        num_classes: K, the number of object classes (without no-object).
+        classification: how logits are read and which classification loss they get
+            (:mod:`dinodet2.modeling.classification`: softmax CE, sigmoid focal or varifocal).
         matcher: callable ``(pred_logits, pred_boxes, targets) -> [(pred_idx, tgt_idx)] * B``,
-            normally a :class:`~dinodet2.modeling.matcher.HungarianMatcher`.
-        class_loss: ``"ce"`` (softmax cross-entropy over K+1 logits, the last one no-object)
-            ``"focal"`` (sigmoid focal loss over K logits) or ``"varifocal"`` (IoU-aware
-            classification: sigmoid over K logits, the matched class's target is the IoU of the
-            predicted box with its target box).
-        no_object_weight: CE weight of the no-object class (``"ce"`` only).
-        focal_alpha: alpha of the focal loss (``"focal"`` only).
-        focal_gamma: gamma of the focal loss (``"focal"``) and of the varifocal loss.
-        varifocal_alpha: weight of the negatives in the varifocal loss (``"varifocal"`` only).
+            normally a :class:`~dinodet2.modeling.matcher.HungarianMatcher` reading logits the
+            same way.
         class_weight: weight of the classification loss.
         l1_weight: weight of the L1 box loss.
         giou_weight: weight of the GIoU loss.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        matcher: nn.Module,
-        class_loss: str = "ce",
-        no_object_weight: float = 0.1,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        varifocal_alpha: float = 0.75,
-        class_weight: float = 1.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-    ):
+    def __init__(self, classification: Classification, matcher: nn.Module, class_weight: float = 1.0,
+                 l1_weight: float = 5.0, giou_weight: float = 2.0):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if class_loss not in CLASS_LOSSES:
-            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {class_loss!r}")
-        matcher_class_loss = getattr(matcher, "class_loss", class_loss)
-        if matcher_class_loss != class_loss:
+        matcher_reading = getattr(matcher, "classification", classification)
+        if matcher_reading.name != classification.name:
             raise ValueError(
-                f"The matcher uses class_loss={matcher_class_loss!r} but the criterion uses "
-                f"{class_loss!r}; they interpret the logits differently and must agree"
+                f"The matcher reads logits as {matcher_reading.name!r} but the criterion as "
+                f"{classification.name!r}; they interpret the logits differently and must agree"
             )
-        if no_object_weight < 0:
-            raise ValueError(f"no_object_weight must be >= 0, got {no_object_weight}")
-        self.num_classes = num_classes
+        self.classification = classification
         self.matcher = matcher
-        self.class_loss = class_loss
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        self.varifocal_alpha = varifocal_alpha
         self.class_weight = class_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = no_object_weight
-        self.register_buffer("empty_weight", empty_weight, persistent=False)
         self.last_metrics: Dict[str, float] = {}
 
+    @classmethod
+    def from_config(cls, cfg, classification: Classification) -> "SetCriterion":
+        """The criterion of ``MODEL.DETR`` (loss weights) with its Hungarian matcher (costs)."""
+        c = cfg.MODEL.DETR
+        return cls(classification, HungarianMatcher.from_config(cfg, classification), class_weight=c.CLASS_WEIGHT,
+                   l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classification.num_classes
+
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, class_loss={self.class_loss!r}, "
-            f"weights=(class={self.class_weight}, l1={self.l1_weight}, giou={self.giou_weight})"
-        )
+        return f"weights=(class={self.class_weight}, l1={self.l1_weight}, giou={self.giou_weight})"
 
     def forward(
         self, outputs: Dict[str, Any], targets: List[Dict[str, Tensor]]
@@ -137,27 +116,13 @@ class SetCriterion(nn.Module):
         log_metrics: bool = False,
     ) -> Dict[str, Tensor]:
         """Match one decoder layer's predictions and compute its weighted losses."""
-        self._check_logits(outputs["pred_logits"])
+        self.classification.check_logits(outputs["pred_logits"])
         indices = self.matcher(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
         return self.losses_for_indices(outputs, targets, indices, num_boxes, suffix, log_metrics)
 
-    def _check_logits(self, logits: Tensor) -> None:
-        expected = self.num_classes + 1 if self.class_loss == "ce" else self.num_classes
-        if logits.shape[-1] != expected:
-            raise ValueError(
-                f"pred_logits has {logits.shape[-1]} logits per query; class_loss="
-                f"{self.class_loss!r} with num_classes={self.num_classes} expects {expected}"
-            )
-
-    def losses_for_indices(
-        self,
-        outputs: Dict[str, Tensor],
-        targets: List[Dict[str, Tensor]],
-        indices: List[Tuple[Tensor, Tensor]],
-        num_boxes: float,
-        suffix: str,
-        log_metrics: bool = False,
-    ) -> Dict[str, Tensor]:
+    def losses_for_indices(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
+                           indices: List[Tuple[Tensor, Tensor]], num_boxes: float, suffix: str,
+                           log_metrics: bool = False) -> Dict[str, Tensor]:
         """Weighted losses of one layer for a given query -> target assignment.
 
         Queries not in ``indices`` are trained as "no object". Used with the Hungarian
@@ -165,7 +130,7 @@ class SetCriterion(nn.Module):
         """
         logits = outputs["pred_logits"].float()
         boxes = outputs["pred_boxes"].float()
-        self._check_logits(logits)
+        self.classification.check_logits(logits)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         batch_idx, src_idx = batch_idx.to(logits.device), src_idx.to(logits.device)
@@ -193,36 +158,9 @@ class SetCriterion(nn.Module):
             query_weights = torch.ones(logits.shape[:2], dtype=torch.float32, device=logits.device)
             query_weights[batch_idx, src_idx] = weights
 
-        if self.class_loss == "ce":
-            target_classes = torch.full(
-                logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
-            )
-            target_classes[batch_idx, src_idx] = matched_labels
-            if query_weights is None:
-                loss_class = F.cross_entropy(
-                    logits.transpose(1, 2), target_classes, weight=self.empty_weight
-                )
-            else:  # same normalisation as the unweighted mean: the sum of the class weights
-                per_query = F.cross_entropy(
-                    logits.transpose(1, 2), target_classes, weight=self.empty_weight, reduction="none"
-                )
-                loss_class = (per_query * query_weights).sum() / self.empty_weight[target_classes].sum()
-        elif self.class_loss == "focal":
-            target_onehot = torch.zeros_like(logits)
-            target_onehot[batch_idx, src_idx, matched_labels] = 1.0
-            loss_class = sigmoid_focal_loss(
-                logits, target_onehot, self.focal_alpha, self.focal_gamma,
-                reduction="sum" if query_weights is None else "none",
-            )
-            if query_weights is not None:
-                loss_class = (loss_class * query_weights[..., None]).sum()
-            loss_class = loss_class / num_boxes
-        else:  # varifocal: the matched class's target is the IoU of the predicted box
-            iou = _paired_iou(matched_xyxy.detach(), matched_tgt_xyxy).clamp(min=0)
-            target_score = torch.zeros_like(logits)
-            target_score[batch_idx, src_idx, matched_labels] = iou.to(logits.dtype)
-            loss_class = varifocal_loss(logits, target_score, self.varifocal_alpha, self.focal_gamma,
-                                        query_weights) / num_boxes
+        matched_iou = _paired_iou(matched_xyxy.detach(), matched_tgt_xyxy)
+        loss_class = self.classification.loss(logits, batch_idx, src_idx, matched_labels, matched_iou, num_boxes,
+                                              query_weights)
 
         loss_bbox = F.l1_loss(matched_boxes, matched_tgt_boxes, reduction="none").sum(-1)
         loss_giou = generalized_box_iou_loss(matched_xyxy, matched_tgt_xyxy, reduction="none")
@@ -239,13 +177,8 @@ class SetCriterion(nn.Module):
             f"loss_giou{suffix}": self.giou_weight * loss_giou,
         }
 
-    def denoising_losses(
-        self,
-        dn_outputs: Dict[str, Any],
-        targets: List[Dict[str, Tensor]],
-        indices: List[Tuple[Tensor, Tensor]],
-        num_boxes: float,
-    ) -> Dict[str, Tensor]:
+    def denoising_losses(self, dn_outputs: Dict[str, Any], targets: List[Dict[str, Tensor]],
+                         indices: List[Tuple[Tensor, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
         """Losses of the denoising queries (fixed assignment), suffixed ``_dn`` / ``_dn_{i}``.
 
         Normalised by ``num_boxes * num_groups`` (every object appears once per group).
@@ -282,20 +215,3 @@ def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
     return inter / (area1 + area2 - inter).clamp(min=1e-12)
 
-
-def varifocal_loss(logits: Tensor, target_score: Tensor, alpha: float = 0.75, gamma: float = 2.0,
-                   query_weights: Optional[Tensor] = None) -> Tensor:
-    """Varifocal loss (Zhang et al., VarifocalNet 2021), summed.
-
-    Binary cross-entropy towards an IoU-valued target ``q``: positives (``q > 0``) are weighted
-    by ``q`` (high-quality matches count more), negatives by ``alpha * p**gamma`` (focal
-    down-weighting of easy negatives, applied to negatives only). ``query_weights`` ([B, Q])
-    scale each query's terms.
-    """
-    prob = logits.sigmoid().detach()
-    positive = (target_score > 0).to(logits.dtype)
-    weight = alpha * prob.pow(gamma) * (1 - positive) + target_score * positive
-    bce = F.binary_cross_entropy_with_logits(logits, target_score, reduction="none")
-    if query_weights is not None:
-        weight = weight * query_weights[..., None]
-    return (bce * weight).sum()

@@ -109,6 +109,15 @@ class DenoisingGenerator(nn.Module):
         self.contrastive = contrastive
         self.label_embed = nn.Embedding(num_classes, d_model)
 
+    @classmethod
+    def from_config(cls, cfg) -> Optional["DenoisingGenerator"]:
+        """The generator ``MODEL.DETR.DN`` describes, or None when denoising is off."""
+        c = cfg.MODEL.DETR
+        if not c.DN.ENABLED:
+            return None
+        return cls(c.NUM_CLASSES, c.HIDDEN_DIM, num_queries=c.DN.NUM_QUERIES, label_noise_ratio=c.DN.LABEL_NOISE_RATIO,
+                   box_noise_scale=c.DN.BOX_NOISE_SCALE, contrastive=c.DN.CONTRASTIVE)
+
     def extra_repr(self) -> str:
         return (f"num_queries={self.num_dn_queries}, label_noise_ratio={self.label_noise_ratio}, "
                 f"box_noise_scale={self.box_noise_scale}, contrastive={self.contrastive}")

@@ -9,7 +9,7 @@ target ``t`` is::
 where the L1 distance is taken on normalised ``(cx, cy, w, h)`` boxes and GIoU on their
 ``(x1, y1, x2, y2)`` form.
 
-Staged matching (curriculum, see :mod:`dinodet2.engine.curriculum`): the settable
+Staged matching (curriculum, see :mod:`dinodet2.engine.curriculum_schedules`): the settable
 ``HungarianMatcher.stage`` (one of :data:`MATCHING_STAGES`) picks which terms are used:
 
 * ``"l1"``: ``cost_bbox * L1`` only (weight 1 if ``cost_bbox`` is 0);
@@ -18,14 +18,15 @@ Staged matching (curriculum, see :mod:`dinodet2.engine.curriculum`): the settabl
 * ``"full"`` (default): the full cost above.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-CLASS_LOSSES = ("ce", "focal", "varifocal")
+from .classification import Classification, SoftmaxClassification
+
 MATCHING_STAGES = ("l1", "boxes", "full")
 # Cost given to NaN/inf entries of the cost matrix: larger than any finite cost the terms produce.
 NON_FINITE_COST = 1e8
@@ -38,12 +39,9 @@ class HungarianMatcher(nn.Module):
         cost_class: weight of the classification cost.
         cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
         cost_giou: weight of the negative generalized IoU.
-        class_loss: ``"ce"`` (softmax over K classes + a trailing no-object logit; the class cost
-            is minus the target class probability) or ``"focal"`` (K sigmoid logits; the class
-            cost is the Deformable-DETR focal cost) or ``"varifocal"`` (same sigmoid logits and
-            focal cost: the IoU-aware loss changes the target, not how a logit is read).
-        focal_alpha: alpha of the focal cost (only used with ``"focal"``).
-        focal_gamma: gamma of the focal cost (only used with ``"focal"``).
+        classification: how logits are read and their class cost
+            (:mod:`dinodet2.modeling.classification`); default: softmax with a trailing no-object
+            logit (the cost, minus the target class probability, needs no class count).
         stage: which cost terms are used, one of :data:`MATCHING_STAGES` (see the module
             docstring); settable at any time as ``matcher.stage``.
     """
@@ -53,9 +51,7 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
-        class_loss: str = "ce",
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
+        classification: Optional[Classification] = None,
         stage: str = "full",
     ):
         super().__init__()
@@ -65,19 +61,16 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"Matching costs must be >= 0, got negative {negative}: {costs}")
         if all(value == 0 for value in costs.values()):
             raise ValueError(f"At least one matching cost must be > 0, got {costs}")
-        if class_loss not in CLASS_LOSSES:
-            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {class_loss!r}")
-        if not 0.0 <= focal_alpha <= 1.0:
-            raise ValueError(f"focal_alpha must be in [0, 1], got {focal_alpha}")
-        if focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
-        self.class_loss = class_loss
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
+        self.classification = classification if classification is not None else SoftmaxClassification(1)
         self.stage = stage
+
+    @classmethod
+    def from_config(cls, cfg, classification: Classification) -> "HungarianMatcher":
+        c = cfg.MODEL.DETR
+        return cls(c.COST_CLASS, c.COST_BBOX, c.COST_GIOU, classification)
 
     @property
     def stage(self) -> str:
@@ -93,18 +86,8 @@ class HungarianMatcher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
-            f"cost_giou={self.cost_giou}, class_loss={self.class_loss!r}, stage={self.stage!r}"
+            f"cost_giou={self.cost_giou}, classification={self.classification.name!r}, stage={self.stage!r}"
         )
-
-    def _class_cost(self, logits: Tensor, tgt_ids: Tensor) -> Tensor:
-        """Classification cost [N, T] for flattened float32 logits [N, C] and target ids [T]."""
-        if self.class_loss == "ce":
-            return -logits.softmax(-1)[:, tgt_ids]
-        prob = logits.sigmoid()
-        alpha, gamma = self.focal_alpha, self.focal_gamma
-        neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
-        pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
-        return pos[:, tgt_ids] - neg[:, tgt_ids]
 
     def _cost(self, logits: Tensor, boxes: Tensor, tgt_ids: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Matching cost [N, T] of the current stage for flattened float32 predictions."""
@@ -119,7 +102,7 @@ class HungarianMatcher(nn.Module):
                 return cost_bbox
             return self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
         return (
-            self.cost_class * self._class_cost(logits, tgt_ids)
+            self.cost_class * self.classification.matching_cost(logits, tgt_ids)
             + self.cost_bbox * cost_bbox
             + self.cost_giou * cost_giou
         )

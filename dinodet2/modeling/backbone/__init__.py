@@ -7,5 +7,4 @@ from .lora import (
     is_lora_parameter,
     merge_lora_,
     resolve_lora_target_modules,
-    trainable_parameter_report,
 )

@@ -3,14 +3,22 @@ import logging
 import os
 import pickle
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .lora import LoraSpec, inject_adalora, inject_lora, is_lora_parameter, layer_index_of
+from .lora import (
+    LoraSpec,
+    adalora_orthogonal_loss,
+    find_adalora_tuner,
+    inject_adalora,
+    inject_lora,
+    is_lora_parameter,
+    layer_index_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +215,24 @@ class Dinov2Backbone(Backbone):
                 out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
                 outputs[f"layer{i}"] = out.contiguous()
         return outputs
+
+    def extra_losses(self) -> Dict[str, torch.Tensor]:
+        """The backbone's own training losses, for the meta-architecture to add to its losses:
+        ``{"loss_adalora_orth": ORTH_REG_WEIGHT * regularization}`` when the ViT has AdaLoRA
+        adapters and ``MODEL.LORA.ADALORA.ORTH_REG_WEIGHT > 0``, else ``{}``."""
+        if "_adalora_tuner" not in self.__dict__:  # looked up once; kept outside the module tree
+            self.__dict__["_adalora_tuner"] = find_adalora_tuner(self.vit)
+        return adalora_orthogonal_loss(self.__dict__["_adalora_tuner"])
+
+    # Optimizer roles (dinodet2.modeling.param_roles): the ViT's embeddings get no weight decay;
+    # its weights train at SOLVER.LORA_LR_MULTIPLIER (adapters) or BACKBONE_LR_MULTIPLIER (unfrozen).
+    EMBEDDINGS = ("cls_token", "mask_token", "position_embeddings", "register_tokens")
+
+    def no_weight_decay(self):
+        return {name for name, _ in self.named_parameters() if name.rpartition(".")[2] in self.EMBEDDINGS}
+
+    def lr_roles(self):
+        return {name: "lora" if is_lora_parameter(name) else "backbone" for name, _ in self.named_parameters()}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {

@@ -1,6 +1,5 @@
 """DETR meta-architecture for Detectron2: backbone (+neck) -> transformer -> set prediction."""
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -13,43 +12,50 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
 from ...config import IMAGENET_PIXEL_MEAN_RGB
-from ..backbone.lora import adalora_orthogonal_regularization, find_adalora_tuner, trainable_parameter_report
+from ..classification import Classification, classification_from_config
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
-from ..matcher import CLASS_LOSSES, HungarianMatcher
-from ..transformer import DetrTransformer, PositionEmbeddingSine
+from ..transformer import DetrTransformer, MultiLevelTokens, PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DETR", "MLP"]
+__all__ = ["DETR", "LEGACY_KEY_PREFIXES"]
 
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU in between (DETR's box head)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
+#: Parameter-name prefixes of checkpoints written before the transformer was built from its parts
+#: (old -> new); :meth:`DETR.upgrade_state_dict` applies them.
+LEGACY_KEY_PREFIXES = (
+    ("query_embed", "transformer.queries.query_pos"),
+    ("bbox_embed.", "transformer.decoder.box_head."),
+    ("transformer.encoder_layers.", "transformer.encoder.layers."),
+    ("transformer.encoder_norm.", "transformer.encoder.norm."),
+    ("transformer.decoder_layers.", "transformer.decoder.layers."),
+    ("transformer.decoder_norm.", "transformer.decoder.norm."),
+    ("transformer.reference_points.", "transformer.queries.reference_points."),
+    ("transformer.ref_point_head.", "transformer.queries.ref_point_head."),
+    ("transformer.content_queries", "transformer.queries.content"),
+    ("transformer.anchor_boxes", "transformer.queries.anchor_boxes"),
+    ("transformer.enc_output.", "transformer.queries.token_proj."),
+    ("transformer.enc_class_embed.", "transformer.queries.class_head."),
+    ("transformer.enc_bbox_embed.", "transformer.queries.box_head."),
+)
 
 
 @META_ARCH_REGISTRY.register()
 class DETR(nn.Module):
     """DETR with a Detectron2 backbone, Hungarian matching and Detectron2 inputs/outputs.
 
+    Built from its parts: ``backbone`` (+ neck), ``transformer`` (encoder, queries, decoder with
+    the box head), ``classification`` (how class logits are read, :mod:`..classification`; the
+    class head is built from it), ``criterion`` (matcher + losses) and optional ``denoising``.
+
     Training input: Detectron2's list of dicts with ``image`` (CHW, ``INPUT.FORMAT``) and
     ``instances`` (``gt_boxes`` absolute XYXY in the image's resized frame, ``gt_classes``
-    contiguous ids). Output in training: a dict of weighted losses; in inference:
-    ``[{"instances": Instances}]`` in the original image's coordinates.
+    contiguous ids). Output in training: a dict of weighted losses (plus the backbone's
+    ``extra_losses()``); in inference: ``[{"instances": Instances}]`` in the original image's
+    coordinates.
 
     :meth:`set_num_active_queries` restricts the decoder to its first ``k`` matching queries
-    (curriculum query ramp-up, :class:`dinodet2.engine.curriculum.CurriculumHook`), in training
-    and inference alike; the default is all ``num_queries``.
+    (curriculum query ramp-up), in training and inference alike; the default is all of them.
     """
 
     @configurable
@@ -58,11 +64,9 @@ class DETR(nn.Module):
         *,
         backbone: Backbone,
         transformer: DetrTransformer,
+        classification: Classification,
         criterion: SetCriterion,
-        num_classes: int,
-        num_queries: int = 100,
         in_features: Sequence[str] = (),
-        class_loss: str = "ce",
         deep_supervision: bool = True,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -76,20 +80,16 @@ class DETR(nn.Module):
         if missing:
             raise ValueError(f"MODEL.DETR.IN_FEATURES {missing} are not produced by the backbone "
                              f"(it outputs {list(shapes)}).")
-        if class_loss not in CLASS_LOSSES:
-            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got '{class_loss}'.")
-        if denoising is not None and not transformer.uses_reference_boxes:
+        if denoising is not None and not transformer.queries.uses_reference_boxes:
             raise ValueError("MODEL.DETR.DN.ENABLED needs reference-box queries: set MODEL.DETR.ANCHOR_QUERIES "
                              "or MODEL.DETR.TWO_STAGE to True.")
-        hidden = transformer.d_model
+        hidden = transformer.queries.d_model
         self.backbone = backbone
         self.in_features = in_features
         self.transformer = transformer
+        self.classification = classification
         self.criterion = criterion
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-        self._num_active_queries: Optional[int] = None  # None: all num_queries
-        self.class_loss = class_loss
+        self._num_active_queries: Optional[int] = None  # None: all queries
         self.deep_supervision = deep_supervision
         self.detections_per_image = detections_per_image
 
@@ -97,101 +97,80 @@ class DETR(nn.Module):
             nn.Sequential(nn.Conv2d(shapes[f].channels, hidden, kernel_size=1), nn.GroupNorm(32, hidden))
             for f in in_features
         )
-        self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
-        self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
-        # Seed DETR learns its positional queries here; anchor / two-stage queries live in the transformer.
-        learned = transformer.query_type == "learned"
-        self.query_embed = nn.Parameter(torch.empty(num_queries, hidden)) if learned else None
-        self.denoising = denoising
-        num_logits = num_classes + 1 if class_loss == "ce" else num_classes
-        self.class_embed = nn.Linear(hidden, num_logits)
-        self.bbox_embed = MLP(hidden, hidden, 4, 3)
-        self._reset_parameters()
-
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        log_parameter_summary(self)
-
-    def _reset_parameters(self):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
-        if self.query_embed is not None:
-            nn.init.normal_(self.query_embed)
+        self.level_embed = nn.Parameter(torch.zeros(len(in_features), hidden)) if len(in_features) > 1 else None
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)
-        if self.class_loss != "ce":  # sigmoid heads: prior probability 0.01 for every class (RetinaNet init)
-            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
+        self.denoising = denoising
+        self.class_embed = classification.head(hidden)
+
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DETR
         _check_pixel_statistics(cfg)
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        classification = classification_from_config(cfg)
         num_levels = len(c.IN_FEATURES) or len(backbone.output_shape())
-        sigmoid = c.CLASS_LOSS != "ce"
-        if c.TWO_STAGE and not sigmoid:
-            raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
-                             "MODEL.DETR.CLASS_LOSS='focal' or 'varifocal'.")
-        query_type = "two_stage" if c.TWO_STAGE else ("anchor" if c.ANCHOR_QUERIES else "learned")
-        transformer = DetrTransformer(
-            d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
-            num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
-            normalize_before=c.PRE_NORM, attention_dropout=c.ATTENTION_DROPOUT,
-            activation_dropout=c.ACTIVATION_DROPOUT, num_queries=c.NUM_QUERIES, query_type=query_type,
-            num_levels=num_levels, deformable_encoder=c.DEFORMABLE.ENCODER,
-            deformable_decoder=c.DEFORMABLE.DECODER, num_points=c.DEFORMABLE.NUM_POINTS,
-            deformable_heads=c.DEFORMABLE.NHEADS or None, refine_boxes=c.ITERATIVE_REFINEMENT,
-            look_forward_twice=c.LOOK_FORWARD_TWICE, mixed_query_selection=c.MIXED_QUERY_SELECTION,
-            num_logits=c.NUM_CLASSES,
-        )
-        denoising = None
-        if c.DN.ENABLED:
-            denoising = DenoisingGenerator(
-                c.NUM_CLASSES, c.HIDDEN_DIM, num_queries=c.DN.NUM_QUERIES, label_noise_ratio=c.DN.LABEL_NOISE_RATIO,
-                box_noise_scale=c.DN.BOX_NOISE_SCALE, contrastive=c.DN.CONTRASTIVE,
-            )
-        matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
-                                   class_loss=c.CLASS_LOSS, focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA)
-        criterion = SetCriterion(
-            c.NUM_CLASSES, matcher, class_loss=c.CLASS_LOSS, no_object_weight=c.NO_OBJECT_WEIGHT,
-            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA, varifocal_alpha=c.VARIFOCAL_ALPHA,
-            class_weight=c.CLASS_WEIGHT, l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT,
-        )
         return {
             "backbone": backbone,
-            "transformer": transformer,
-            "criterion": criterion,
-            "num_classes": c.NUM_CLASSES,
-            "num_queries": c.NUM_QUERIES,
+            "transformer": DetrTransformer.from_config(cfg, classification, num_levels),
+            "classification": classification,
+            "criterion": SetCriterion.from_config(cfg, classification),
             "in_features": c.IN_FEATURES,
-            "class_loss": c.CLASS_LOSS,
             "deep_supervision": c.DEEP_SUPERVISION,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "denoising": denoising,
+            "denoising": DenoisingGenerator.from_config(cfg),
         }
+
+    def no_weight_decay(self):
+        return {"level_embed"} if self.level_embed is not None else set()
+
+    def upgrade_state_dict(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Rename the keys of a checkpoint written before the transformer was built from its parts
+        (:data:`LEGACY_KEY_PREFIXES`); keys this model has are left alone."""
+        own = self.state_dict().keys()
+        upgraded = {}
+        for key, value in state.items():
+            if key not in own:
+                for old, new in LEGACY_KEY_PREFIXES:
+                    if key.startswith(old) and new + key[len(old):] in own:
+                        key = new + key[len(old):]
+                        break
+            upgraded[key] = value
+        return upgraded
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
     @property
+    def num_classes(self) -> int:
+        return self.classification.num_classes
+
+    @property
+    def num_queries(self) -> int:
+        return self.transformer.queries.num_queries
+
+    @property
     def num_active_queries(self) -> int:
-        """Number of matching queries the decoder uses (``num_queries`` unless restricted)."""
+        """Number of matching queries the decoder uses (all of them unless restricted)."""
         return self.num_queries if self._num_active_queries is None else self._num_active_queries
 
     def set_num_active_queries(self, k: Optional[int]) -> None:
         """Use only the first ``k`` matching queries (two-stage: the top-``k`` proposals) from now
-        on, in training and inference; ``None`` restores all ``num_queries``. Denoising queries are
-        not affected. All query parameters stay in the autograd graph (they are sliced), so
+        on, in training and inference; ``None`` restores all of them. Denoising queries are not
+        affected. All query parameters stay in the autograd graph (they are sliced), so
         DistributedDataParallel needs no ``find_unused_parameters``."""
-        if k is not None and not 1 <= k <= self.num_queries:
-            raise ValueError(f"The number of active queries must be in [1, MODEL.DETR.NUM_QUERIES="
-                             f"{self.num_queries}] (or None for all), got {k}.")
+        if k is not None:
+            self.transformer.queries.check_active(k)
         self._num_active_queries = k
 
     # ------------------------------------------------------------------------------------------
@@ -219,37 +198,33 @@ class DETR(nn.Module):
             targets.append(target)
         return targets
 
-    def forward_transformer(self, images: ImageList, mask: torch.Tensor,
-                            denoising: Optional[DenoisingQueries] = None) -> Dict:
-        """Backbone -> flattened multi-level tokens -> transformer -> class / box predictions.
-
-        With ``denoising`` queries, their predictions are returned apart in ``"dn_outputs"``.
-        """
+    def tokens(self, images: ImageList, mask: torch.Tensor) -> MultiLevelTokens:
+        """Backbone features -> projected, position-embedded multi-level tokens."""
         features = self.backbone(images.tensor)
-        srcs, level_masks, poss = [], [], []
+        srcs, poss, level_masks = [], [], []
         for lvl, (name, proj) in enumerate(zip(self.in_features, self.input_proj)):
             feat = features[name]
             m = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
             pos = self.position_encoding(m).to(feat.dtype)
             if self.level_embed is not None:
                 pos = pos + self.level_embed[lvl].view(1, -1, 1, 1).to(feat.dtype)
-            srcs.append(proj(feat).flatten(2).transpose(1, 2))
+            srcs.append(proj(feat))
+            poss.append(pos)
             level_masks.append(m)
-            poss.append(pos.flatten(2).transpose(1, 2))
-        src, pos = torch.cat(srcs, 1), torch.cat(poss, 1)
-        flat_mask = torch.cat([m.flatten(1) for m in level_masks], 1)
-        spatial_shapes = torch.tensor([m.shape[-2:] for m in level_masks], dtype=torch.int64, device=src.device)
-        states, boxes, enc_outputs = self.transformer(
-            src, flat_mask, pos, level_masks, spatial_shapes, self.bbox_embed,
-            query_embed=self.query_embed, denoising=denoising, num_queries=self._num_active_queries,
-        )
-        if boxes is None:  # seed DETR: boxes predicted directly
-            boxes = self.bbox_embed(states).sigmoid()
+        return MultiLevelTokens.from_levels(srcs, poss, level_masks)
+
+    def forward_transformer(self, images: ImageList, mask: torch.Tensor,
+                            denoising: Optional[DenoisingQueries] = None) -> Dict:
+        """Backbone -> multi-level tokens -> transformer -> class / box predictions.
+
+        With ``denoising`` queries, their predictions are returned apart in ``"dn_outputs"``.
+        """
+        states, boxes, proposals = self.transformer(self.tokens(images, mask), denoising, self._num_active_queries)
         logits = self.class_embed(states)
         num_dn = denoising.num_queries if denoising is not None else 0
         outputs = self._layer_outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:])
-        if enc_outputs is not None:
-            outputs["enc_outputs"] = enc_outputs
+        if proposals is not None:
+            outputs["enc_outputs"] = proposals
         if denoising is not None:
             outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn])
             outputs["dn_outputs"].update(indices=denoising.match_indices(), num_groups=denoising.num_groups)
@@ -279,14 +254,8 @@ class DETR(nn.Module):
         denoising = self.denoising(targets) if self.denoising is not None else None
         outputs = self.forward_transformer(images, mask, denoising)
         losses = self.criterion(outputs, targets)
-        if "_adalora_tuner" not in self.__dict__:  # looked up once; kept outside the module tree
-            self.__dict__["_adalora_tuner"] = find_adalora_tuner(self.backbone)
-        tuner = self.__dict__["_adalora_tuner"]
-        if tuner is not None:
-            weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
-            regularization = adalora_orthogonal_regularization(tuner)
-            if weight > 0 and regularization is not None:
-                losses["loss_adalora_orth"] = weight * regularization
+        if hasattr(self.backbone, "extra_losses"):
+            losses.update(self.backbone.extra_losses())
         if self.denoising is not None and denoising is None:
             # A batch without objects leaves the label embedding unused; a zero-valued term keeps
             # it in the graph so DistributedDataParallel still sees a gradient for it.
@@ -298,16 +267,7 @@ class DETR(nn.Module):
         """Top-k detections per image in the resized (unpadded) image frame, absolute XYXY."""
         results = []
         for logit, box, (h, w) in zip(logits.float(), boxes.float(), image_sizes):
-            if self.class_loss == "ce":  # softmax: best class per query
-                scores, labels = logit.softmax(-1)[:, :-1].max(-1)
-                k = min(self.detections_per_image, scores.numel())
-                scores, query = scores.topk(k)
-                labels = labels[query]
-            else:  # sigmoid heads: top-k over queries x classes
-                prob = logit.sigmoid().flatten()
-                k = min(self.detections_per_image, prob.numel())
-                scores, flat = prob.topk(k)
-                query, labels = flat // self.num_classes, flat % self.num_classes
+            scores, query, labels = self.classification.detections(logit, self.detections_per_image)
             xyxy = box_convert(box[query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=box.device)
             result = Instances((h, w))
             result.pred_boxes = Boxes(xyxy)
@@ -327,22 +287,3 @@ def _check_pixel_statistics(cfg) -> None:
             f"MODEL.PIXEL_MEAN={cfg.MODEL.PIXEL_MEAN} is in the reverse channel order of "
             f"INPUT.FORMAT='{cfg.INPUT.FORMAT}'. Use MODEL.PIXEL_MEAN={expected} (and reverse PIXEL_STD too)."
         )
-
-
-def log_parameter_summary(model: nn.Module) -> None:
-    """Log total / trainable parameters, overall and per top-level component."""
-    rows = []
-    for name, child in model.named_children():
-        total = sum(p.numel() for p in child.parameters())
-        if total:
-            rows.append((name, total, sum(p.numel() for p in child.parameters() if p.requires_grad)))
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [f"{n:<18s} {t:>14,d} {tr:>14,d}" for n, t, tr in rows]
-    kinds = {k: v for k, v in trainable_parameter_report(model).items() if k not in ("total", "trainable")}
-    lines.append("trainable by kind: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()))
-    logger.info(
-        "Parameters of %s: total %s, trainable %s (%.2f%%)\n%-18s %14s %14s\n%s", type(model).__name__,
-        f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), "module", "total", "trainable",
-        "\n".join(lines),
-    )

@@ -108,6 +108,11 @@ class Dinov2SimpleFeaturePyramid(Backbone):
         return {name: stage(features[feat])
                 for name, feat, stage in zip(self._out_features, self.in_features, self.stages)}
 
+    def extra_losses(self) -> Dict[str, torch.Tensor]:
+        """The ViT's own training losses (:meth:`Dinov2Backbone.extra_losses`); the pyramid adds none."""
+        extra_losses = getattr(self.net, "extra_losses", None)
+        return extra_losses() if extra_losses is not None else {}
+
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._out_features}

@@ -7,13 +7,13 @@ bilinear weights and is not implemented for every dtype/device), and the result 
 to the input dtype.
 """
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MultiScaleDeformableAttention", "ms_deform_attn_sampling", "is_low_lr_param"]
+__all__ = ["MultiScaleDeformableAttention", "ms_deform_attn_sampling"]
 
 
 def _level_sizes(spatial_shapes: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
@@ -70,16 +70,6 @@ def ms_deform_attn_sampling(value: torch.Tensor, spatial_shapes: torch.Tensor,
     return out.to(out_dtype).contiguous()
 
 
-#: Substrings of parameter names that Deformable DETR trains with a lower learning rate
-#: (x0.1): the sampling-offset head here and reference-point projections in the transformer.
-LOW_LR_PARAM_NAMES: Tuple[str, ...] = ("sampling_offsets", "reference_points")
-
-
-def is_low_lr_param(name: str) -> bool:
-    """Whether a (qualified) parameter name belongs to the low-learning-rate group."""
-    return any(key in name for key in LOW_LR_PARAM_NAMES)
-
-
 class MultiScaleDeformableAttention(nn.Module):
     """Multi-scale deformable attention module (Deformable DETR's ``MSDeformAttn``).
 
@@ -88,8 +78,6 @@ class MultiScaleDeformableAttention(nn.Module):
     returns only the attention output (after ``output_proj`` and dropout); residual and norm
     belong to the enclosing encoder/decoder layer.
     """
-
-    LOW_LR_PARAM_NAMES: Tuple[str, ...] = LOW_LR_PARAM_NAMES
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
                  num_points: int = 4, dropout: float = 0.0):
@@ -107,6 +95,11 @@ class MultiScaleDeformableAttention(nn.Module):
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
         self._reset_parameters()
+
+    def lr_roles(self) -> Dict[str, str]:
+        """The sampling-offset head trains at ``SOLVER.DEFORMABLE_LR_MULTIPLIER`` (x0.1 in Deformable
+        DETR); see :mod:`dinodet2.modeling.param_roles`."""
+        return {f"sampling_offsets.{n}": "deformable" for n, _ in self.sampling_offsets.named_parameters()}
 
     def _reset_parameters(self) -> None:
         """Deformable DETR init: offsets start on a per-head direction grid, uniform attention."""

@@ -4,12 +4,12 @@ The encoder layer replaces self-attention over all tokens by deformable attentio
 token (reference point = its own centre, on every level) into the multi-level feature maps;
 the decoder layer keeps query self-attention and replaces cross-attention by deformable
 attention around each query's reference point or box. Both have the same call signature as
-their standard counterparts in :mod:`.detr_transformer` so the transformer can mix them.
+their standard counterparts in :mod:`.layers` so the transformer can mix them.
 Deformable attention has no dropout on its attention weights (as in Deformable DETR), so
 ``attention_dropout`` only reaches the decoder's standard query self-attention.
 """
 from .deformable_attention import MultiScaleDeformableAttention
-from .detr_transformer import TransformerDecoderLayer, TransformerEncoderLayer, _with_pos
+from .layers import TransformerDecoderLayer, TransformerEncoderLayer, _with_pos
 
 __all__ = ["DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer"]
 

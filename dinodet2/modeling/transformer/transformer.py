@@ -1,249 +1,191 @@
-"""The DETR transformer: optional encoder over the multi-level tokens, query generation, decoder.
+"""The DETR transformer, built from its parts: an encoder over the multi-level tokens, the
+decoder queries (:mod:`.queries`) and a decoder that refines boxes layer by layer.
 
-Every improvement is switchable on its own (see ``MODEL.DETR`` in :mod:`dinodet2.config`):
+Every improvement is a part or a setting of a part (see ``MODEL.DETR`` in :mod:`dinodet2.config`):
 
-* encoder layers: standard self-attention or multi-scale deformable attention;
+* encoder layers: standard self-attention or multi-scale deformable attention (:class:`DetrEncoder`);
 * decoder cross-attention: standard (every token) or deformable (around each query's reference);
-* queries (``query_type``):
-
-  - ``"learned"``: DETR's learned positional queries and zero content (the seed). With a
-    deformable decoder a linear layer (``reference_points``) predicts a 2-D reference point
-    from each positional query, as in Deformable DETR.
-  - ``"anchor"``: DAB-DETR's learned 4-D anchor boxes; the positional query of every decoder
-    layer is generated from the layer's current reference box (sine embedding + MLP); content
-    queries are learned.
-  - ``"two_stage"``: every encoder token predicts a class and a box relative to its anchor
-    (``*_enc`` losses); the top-``num_queries`` become the reference boxes. Content queries are
-    learned (DINO's mixed query selection) or the selected tokens' features (detached).
-
-* box prediction relative to the reference (inverse-sigmoid space) and iterative refinement:
-  each layer's box becomes the next layer's reference, detached; with ``look_forward_twice``
-  (DINO) a layer's box is predicted from the previous layer's *undetached* box so the loss of
-  layer ``l`` also trains layer ``l - 1``;
-* denoising queries (:mod:`dinodet2.modeling.denoising`) prepended to the matching queries,
-  kept apart by a self-attention mask;
-* fewer active matching queries (``forward``'s ``num_queries``, the curriculum's query ramp-up):
-  only the first ``k`` learned positional queries / anchors / content queries are used (two-stage:
-  the top-``k`` proposals); the parameters are sliced, so they all stay in the autograd graph.
+* queries: learned, anchor or two-stage (:func:`~.queries.build_queries`);
+* boxes are predicted relative to the reference (inverse-sigmoid space; no reference: relative to
+  0, the seed's ``sigmoid(box_head(state))``); with iterative refinement each layer's box becomes
+  the next layer's reference, detached; with ``look_forward_twice`` (DINO) a layer's box is
+  predicted from the previous layer's *undetached* box so the loss of layer ``l`` also trains
+  layer ``l - 1`` (:class:`DetrDecoder`);
+* denoising queries (:mod:`dinodet2.modeling.denoising`) are prepended to the matching queries,
+  kept apart by a self-attention mask.
 """
-import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .box_encoding import box_sine_embedding, inverse_sigmoid
+from ..classification import Classification
+from .box_encoding import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
 from .deformable_layers import DeformableTransformerDecoderLayer, DeformableTransformerEncoderLayer
-from .detr_transformer import TransformerDecoderLayer, TransformerEncoderLayer, _clones
-from .query_selection import to_level_coordinates, token_anchors, valid_ratios
+from .layers import TransformerDecoderLayer, TransformerEncoderLayer, clones
+from .multilevel_tokens import MultiLevelTokens
+from .queries import Queries, build_queries
+from .token_geometry import to_level_coordinates
 
-__all__ = ["DetrTransformer", "QUERY_TYPES"]
+__all__ = ["BoxHead", "DetrDecoder", "DetrEncoder", "DetrTransformer"]
 
-QUERY_TYPES = ("learned", "anchor", "two_stage")
+
+def _reset_layer_parameters(module: nn.Module) -> None:
+    """Xavier for the attention / FFN weights; deformable attention keeps its own init."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in module.modules():
+        if isinstance(m, MultiScaleDeformableAttention):
+            m._reset_parameters()
+
+
+class BoxHead(nn.Module):
+    """``num_layers`` linear layers with ReLU in between, the last one zero-initialised (DETR's box MLP)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DetrEncoder(nn.Module):
+    """Encoder layers (standard or deformable) over the multi-level tokens, optional final norm."""
+
+    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers = clones(layer, num_layers)
+        self.norm = norm if num_layers else None
+        self.deformable = isinstance(layer, DeformableTransformerEncoderLayer)
+        _reset_layer_parameters(self.layers)
+
+    def forward(self, tokens: MultiLevelTokens) -> torch.Tensor:
+        memory = tokens.src
+        if not len(self.layers):
+            return memory
+        # Deformable layers sample around every token's own centre on every level.
+        refs = to_level_coordinates(tokens.anchors[0][..., :2].to(memory.dtype), tokens.ratios) \
+            if self.deformable else None
+        for layer in self.layers:
+            memory = layer(memory, pos=tokens.pos, key_padding_mask=tokens.mask, reference_points=refs,
+                           spatial_shapes=tokens.spatial_shapes)
+        return self.norm(memory) if self.norm is not None else memory
+
+
+class DetrDecoder(nn.Module):
+    """Decoder layers + shared final norm + the box head that predicts every layer's boxes.
+
+    Args:
+        layer: one decoder layer (standard or deformable), cloned ``num_layers`` times.
+        box_head: predicts box deltas relative to the reference (inverse-sigmoid space).
+        refine_boxes: each layer's box becomes the next layer's reference (detached).
+        look_forward_twice: predict from the previous layer's undetached box (needs refine_boxes).
+    """
+
+    def __init__(self, layer: nn.Module, num_layers: int, d_model: int, box_head: nn.Module,
+                 refine_boxes: bool = True, look_forward_twice: bool = False):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 1.")
+        if look_forward_twice and not refine_boxes:
+            raise ValueError("MODEL.DETR.LOOK_FORWARD_TWICE needs MODEL.DETR.ITERATIVE_REFINEMENT=True.")
+        self.layers = clones(layer, num_layers)
+        _reset_layer_parameters(self.layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.box_head = box_head
+        self.deformable = isinstance(layer, DeformableTransformerDecoderLayer)
+        self.refine_boxes = refine_boxes
+        self.look_forward_twice = look_forward_twice
+
+    def forward(self, tokens: MultiLevelTokens, memory: torch.Tensor, queries: Queries, content: torch.Tensor,
+                reference: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """States ``[L, B, Q, C]`` (after the final norm) and boxes ``[L, B, Q, 4]`` of every layer."""
+        batch, num_queries = content.shape[:2]
+        states, boxes = [], []
+        previous = reference  # the box a layer's prediction is relative to
+        for layer in self.layers:
+            query_pos = queries.position(reference, batch, num_queries)
+            level_refs = to_level_coordinates(reference, tokens.ratios) if self.deformable else None
+            content = layer(content, memory, query_pos=query_pos, pos=tokens.pos, memory_key_padding_mask=tokens.mask,
+                            self_attn_mask=attn_mask, reference_points=level_refs,
+                            spatial_shapes=tokens.spatial_shapes)
+            state = self.norm(content)
+            states.append(state)
+            delta = self.box_head(state)
+            base = previous if self.look_forward_twice else reference
+            if base is not None:
+                base = inverse_sigmoid(base)
+                delta = delta + (F.pad(base, (0, 2)) if base.shape[-1] == 2 else base)  # a point: size from 0
+            box = delta.sigmoid()
+            boxes.append(box)
+            if self.refine_boxes and reference is not None:
+                reference, previous = box.detach(), box
+        return torch.stack(states), torch.stack(boxes)
 
 
 class DetrTransformer(nn.Module):
-    """Encoder + query generation + decoder (see the module docstring for the options).
+    """Encoder + queries + decoder (see the module docstring).
 
-    ``forward`` takes batch-first flattened multi-level tokens ``src``/``pos`` ``[B, N, C]``,
-    their padding ``mask`` ``[B, N]`` (True = padding), the per-level masks ``[B, h, w]`` and
-    ``spatial_shapes`` ``[L, 2]``, the shared box head, and (query type ``"learned"``) the
-    learned positional queries ``[Q, C]``, and optionally the number ``k`` of matching queries to
-    use (``None``: all ``num_queries``; denoising queries are not counted). It returns:
+    ``forward(tokens, denoising=None, num_queries=None)`` returns:
 
-    * ``states``: decoder states of every layer ``[num_layers, B, Q', C]`` (after the shared
-      final LayerNorm); ``Q'`` is the ``k`` matching queries (two-stage: at most the number of
-      tokens) preceded by the denoising queries, if any;
-    * ``boxes``: normalised cxcywh boxes of every layer ``[num_layers, B, Q', 4]``, or ``None``
-      when the queries have no reference (seed DETR: boxes are ``sigmoid(box_head(states))``);
-    * ``enc_outputs``: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or ``None``.
+    * ``states``: decoder states of every layer ``[num_layers, B, Q', C]``; ``Q'`` is the ``k``
+      matching queries (two-stage: at most the number of tokens) preceded by the denoising queries;
+    * ``boxes``: normalised cxcywh boxes of every layer ``[num_layers, B, Q', 4]``;
+    * ``proposals``: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or None.
     """
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 0,
-                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 normalize_before: bool = False, attention_dropout: float = 0.0,
-                 activation_dropout: float = 0.0, *, num_queries: int = 100, query_type: str = "learned",
-                 num_levels: int = 1, deformable_encoder: bool = False, deformable_decoder: bool = False,
-                 num_points: int = 4, deformable_heads: Optional[int] = None, refine_boxes: bool = True,
-                 look_forward_twice: bool = False, mixed_query_selection: bool = True,
-                 num_logits: Optional[int] = None):
+    def __init__(self, encoder: DetrEncoder, queries: Queries, decoder: DetrDecoder):
         super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={d_model} must be divisible by MODEL.DETR.NHEADS={nhead}.")
-        deformable_heads = deformable_heads or nhead
-        if (deformable_encoder or deformable_decoder) and d_model % deformable_heads:
-            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={d_model} must be divisible by "
+        self.encoder = encoder
+        self.queries = queries
+        self.decoder = decoder
+
+    @classmethod
+    def from_config(cls, cfg, classification: Classification, num_levels: int) -> "DetrTransformer":
+        """The transformer ``MODEL.DETR`` describes, over ``num_levels`` feature levels."""
+        c = cfg.MODEL.DETR
+        if c.HIDDEN_DIM % c.NHEADS:
+            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={c.HIDDEN_DIM} must be divisible by MODEL.DETR.NHEADS={c.NHEADS}.")
+        deformable_heads = c.DEFORMABLE.NHEADS or c.NHEADS
+        if (c.DEFORMABLE.ENCODER or c.DEFORMABLE.DECODER) and c.HIDDEN_DIM % deformable_heads:
+            raise ValueError(f"MODEL.DETR.HIDDEN_DIM={c.HIDDEN_DIM} must be divisible by "
                              f"MODEL.DETR.DEFORMABLE.NHEADS={deformable_heads}.")
-        if num_decoder_layers < 1:
-            raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 1.")
-        if query_type not in QUERY_TYPES:
-            raise ValueError(f"query_type must be one of {QUERY_TYPES}, got {query_type!r}")
-        if query_type == "two_stage" and not num_logits:
-            raise ValueError("two-stage query selection needs num_logits (classes of the proposal head)")
-        if look_forward_twice and not refine_boxes:
-            raise ValueError("MODEL.DETR.LOOK_FORWARD_TWICE needs MODEL.DETR.ITERATIVE_REFINEMENT=True.")
-        if num_points < 1:
-            raise ValueError(f"MODEL.DETR.DEFORMABLE.NUM_POINTS must be >= 1, got {num_points}.")
-
-        common = dict(dim_feedforward=dim_feedforward, dropout=dropout, normalize_before=normalize_before,
-                      attention_dropout=attention_dropout, activation_dropout=activation_dropout)
-        if deformable_encoder:
-            enc = DeformableTransformerEncoderLayer(d_model, deformable_heads, num_levels, num_points, **common)
+        if c.DEFORMABLE.NUM_POINTS < 1:
+            raise ValueError(f"MODEL.DETR.DEFORMABLE.NUM_POINTS must be >= 1, got {c.DEFORMABLE.NUM_POINTS}.")
+        common = dict(dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT, normalize_before=c.PRE_NORM,
+                      attention_dropout=c.ATTENTION_DROPOUT, activation_dropout=c.ACTIVATION_DROPOUT)
+        deformable = (c.HIDDEN_DIM, deformable_heads, num_levels, c.DEFORMABLE.NUM_POINTS)
+        if c.DEFORMABLE.ENCODER:
+            encoder_layer = DeformableTransformerEncoderLayer(*deformable, **common)
         else:
-            enc = TransformerEncoderLayer(d_model, nhead, **common)
-        if deformable_decoder:
-            dec = DeformableTransformerDecoderLayer(d_model, deformable_heads, num_levels, num_points, **common)
+            encoder_layer = TransformerEncoderLayer(c.HIDDEN_DIM, c.NHEADS, **common)
+        if c.DEFORMABLE.DECODER:
+            decoder_layer = DeformableTransformerDecoderLayer(*deformable, **common)
         else:
-            dec = TransformerDecoderLayer(d_model, nhead, **common)
-        self.encoder_layers = _clones(enc, num_encoder_layers)
-        self.encoder_norm = nn.LayerNorm(d_model) if normalize_before and num_encoder_layers else None
-        self.decoder_layers = _clones(dec, num_decoder_layers)
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self._reset_layer_parameters()
+            decoder_layer = TransformerDecoderLayer(c.HIDDEN_DIM, c.NHEADS, **common)
+        encoder = DetrEncoder(encoder_layer, c.ENC_LAYERS, nn.LayerNorm(c.HIDDEN_DIM) if c.PRE_NORM else None)
+        decoder = DetrDecoder(decoder_layer, c.DEC_LAYERS, c.HIDDEN_DIM, BoxHead(c.HIDDEN_DIM, c.HIDDEN_DIM, 4, 3),
+                              refine_boxes=c.ITERATIVE_REFINEMENT, look_forward_twice=c.LOOK_FORWARD_TWICE)
+        return cls(encoder, build_queries(cfg, classification), decoder)
 
-        self.d_model = d_model
-        self.num_queries = num_queries
-        self.query_type = query_type
-        self.num_levels = num_levels
-        self.deformable_encoder = deformable_encoder
-        self.deformable_decoder = deformable_decoder
-        self.refine_boxes = refine_boxes
-        self.look_forward_twice = look_forward_twice
-        self.mixed_query_selection = mixed_query_selection
-
-        if query_type == "learned":
-            if deformable_decoder:  # Deformable DETR: 2-D reference point from the positional query
-                self.reference_points = nn.Linear(d_model, 2)
-                nn.init.xavier_uniform_(self.reference_points.weight)
-                nn.init.zeros_(self.reference_points.bias)
-        else:
-            self.ref_point_head = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
-            if query_type == "anchor" or mixed_query_selection:
-                self.content_queries = nn.Parameter(torch.zeros(num_queries, d_model))
-        if query_type == "anchor":
-            # DAB-DETR anchors, stored before the sigmoid: centres spread uniformly, size 0.1.
-            anchors = torch.cat([torch.rand(num_queries, 2), torch.full((num_queries, 2), 0.1)], 1)
-            self.anchor_boxes = nn.Parameter(inverse_sigmoid(anchors))
-        if query_type == "two_stage":
-            self.enc_output = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
-            self.enc_class_embed = nn.Linear(d_model, num_logits)
-            self.enc_bbox_embed = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model),
-                                                nn.ReLU(), nn.Linear(d_model, 4))
-            nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
-            nn.init.zeros_(self.enc_bbox_embed[-1].weight)
-            nn.init.zeros_(self.enc_bbox_embed[-1].bias)
-
-    def _reset_layer_parameters(self):
-        """Xavier for the attention/FFN weights; deformable attention keeps its own init."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m._reset_parameters()
-
-    @property
-    def uses_reference_boxes(self) -> bool:
-        """Whether queries carry reference boxes (needed by denoising queries)."""
-        return self.query_type != "learned"
-
-    # ------------------------------------------------------------------------------------------
-    def encode(self, src, mask, pos, spatial_shapes=None, reference_points=None):
-        """Run the (optional) encoder layers over the image tokens."""
-        memory = src
-        for layer in self.encoder_layers:
-            memory = layer(memory, pos=pos, key_padding_mask=mask, reference_points=reference_points,
-                           spatial_shapes=spatial_shapes)
-        if self.encoder_norm is not None:
-            memory = self.encoder_norm(memory)
-        return memory
-
-    def propose(self, memory: torch.Tensor, level_masks: List[torch.Tensor],
-                anchors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Class logits and boxes of every token; padding tokens get a score of -inf for selection.
-
-        ``anchors``: :func:`token_anchors` of ``level_masks`` if already computed."""
-        anchors, valid = anchors if anchors is not None else token_anchors(level_masks)
-        feat = self.enc_output(memory)
-        logits = self.enc_class_embed(feat).masked_fill(~valid[..., None], -1e4)  # padding: background
-        boxes = (self.enc_bbox_embed(feat) + inverse_sigmoid(anchors.to(feat.dtype))).sigmoid()
-        scores = logits.detach().float().sigmoid().amax(-1).masked_fill(~valid, float("-inf"))
-        return {"pred_logits": logits, "pred_boxes": boxes, "scores": scores, "features": feat}
-
-    def initial_queries(self, memory, level_masks, query_embed, anchors=None,
-                        num_queries: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                    Optional[torch.Tensor], Optional[Dict]]:
-        """Content queries ``[B, Q, C]``, fixed positional queries (learned type only), initial
-        references (``[B, Q, 2|4]`` or ``None``) and the two-stage proposals.
-
-        ``num_queries``: use only the first ``Q = num_queries`` queries (``None``: all of them)."""
-        if num_queries is None:
-            num_queries = self.num_queries
-        elif not 1 <= num_queries <= self.num_queries:
-            raise ValueError(f"num_queries must be in [1, {self.num_queries}], got {num_queries}")
-        batch = memory.shape[0]
-        if self.query_type == "learned":
-            if query_embed is None:
-                raise ValueError("query_type 'learned' needs the learned positional queries (query_embed)")
-            query_pos = query_embed[:num_queries].unsqueeze(0).expand(batch, -1, -1)
-            reference = self.reference_points(query_pos).sigmoid() if self.deformable_decoder else None
-            return torch.zeros_like(query_pos), query_pos, reference, None
-        if self.query_type == "anchor":
-            reference = self.anchor_boxes[:num_queries].sigmoid().unsqueeze(0).expand(batch, -1, -1)
-            return self.content_queries[:num_queries].unsqueeze(0).expand(batch, -1, -1), None, reference, None
-        proposals = self.propose(memory, level_masks, anchors)
-        k = min(num_queries, memory.shape[1])
-        top = proposals["scores"].topk(k, dim=1).indices  # [B, k]
-        reference = torch.gather(proposals["pred_boxes"].detach(), 1, top[..., None].expand(-1, -1, 4))
-        if self.mixed_query_selection:
-            tgt = self.content_queries[:k].unsqueeze(0).expand(batch, -1, -1)
-        else:
-            feats = proposals["features"]
-            tgt = torch.gather(feats, 1, top[..., None].expand(-1, -1, feats.shape[-1])).detach()
-        enc_outputs = {"pred_logits": proposals["pred_logits"], "pred_boxes": proposals["pred_boxes"]}
-        return tgt, None, reference, enc_outputs
-
-    def forward(self, src, mask, pos, level_masks, spatial_shapes, box_head, query_embed=None, denoising=None,
-                num_queries: Optional[int] = None):
-        if mask is not None and not bool(mask.any()):
-            mask = None  # no padding in this batch: attention can take PyTorch's fused (flash) path
-        ratios = valid_ratios(level_masks).to(src.dtype)
-        anchors, enc_refs = None, None
-        if self.query_type == "two_stage" or (self.deformable_encoder and len(self.encoder_layers)):
-            anchors = token_anchors(level_masks)  # computed once: encoder references and proposals
-        if self.deformable_encoder and len(self.encoder_layers):
-            enc_refs = to_level_coordinates(anchors[0][..., :2].to(src.dtype), ratios)
-        memory = self.encode(src, mask, pos, spatial_shapes, enc_refs)
-
-        tgt, query_pos, reference, enc_outputs = self.initial_queries(memory, level_masks, query_embed, anchors,
-                                                                      num_queries)
-        attn_mask = None
+    def forward(self, tokens: MultiLevelTokens, denoising=None, num_queries: Optional[int] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        memory = self.encoder(tokens)
+        init = self.queries.initial(tokens, memory, num_queries)
+        content, reference, attn_mask = init.content, init.reference, None
         if denoising is not None:
-            if reference is None or reference.shape[-1] != 4:
-                raise ValueError("denoising queries need reference-box queries (anchor or two-stage)")
-            tgt = torch.cat([denoising.queries.to(tgt.dtype), tgt], 1)
+            content = torch.cat([denoising.queries.to(content.dtype), content], 1)
             reference = torch.cat([denoising.boxes.to(reference.dtype), reference], 1)
-            attn_mask = denoising.attention_mask(tgt.shape[1])
-
-        states, boxes = [], []
-        previous = reference  # the box a layer's prediction is relative to
-        for layer in self.decoder_layers:
-            if self.query_type != "learned":
-                query_pos = self.ref_point_head(box_sine_embedding(reference, self.d_model // 2))
-            level_refs = to_level_coordinates(reference, ratios) if self.deformable_decoder else None
-            tgt = layer(tgt, memory, query_pos=query_pos, pos=pos, memory_key_padding_mask=mask,
-                        self_attn_mask=attn_mask, reference_points=level_refs, spatial_shapes=spatial_shapes)
-            state = self.decoder_norm(tgt)
-            states.append(state)
-            if reference is None:
-                continue
-            base = inverse_sigmoid(previous if self.look_forward_twice else reference)
-            if base.shape[-1] == 2:  # point reference: the box head predicts the size directly
-                base = F.pad(base, (0, 2))
-            box = (box_head(state) + base).sigmoid()
-            boxes.append(box)
-            if self.refine_boxes:
-                reference, previous = box.detach(), box
-        return torch.stack(states), (torch.stack(boxes) if boxes else None), enc_outputs
+            attn_mask = denoising.attention_mask(content.shape[1])
+        states, boxes = self.decoder(tokens, memory, self.queries, content, reference, attn_mask)
+        return states, boxes, init.proposals

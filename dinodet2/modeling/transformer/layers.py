@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+def clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
@@ -78,8 +78,8 @@ class TransformerDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=attention_dropout, batch_first=True)
         self.ffn = FeedForward(d_model, dim_feedforward, activation_dropout)
-        self.norms = _clones(nn.LayerNorm(d_model), 3)
-        self.dropouts = _clones(nn.Dropout(dropout), 3)
+        self.norms = clones(nn.LayerNorm(d_model), 3)
+        self.dropouts = clones(nn.Dropout(dropout), 3)
         self.normalize_before = normalize_before
 
     def _block(self, i: int, x: torch.Tensor, fn) -> torch.Tensor:
