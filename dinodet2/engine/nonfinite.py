@@ -34,19 +34,25 @@ logger = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def _nonfinite_names(names: List[str], values: List[torch.Tensor]) -> List[str]:
+    """The names whose scalar value is NaN/inf; one host-device sync when all are finite."""
+    if not values:
+        return []
+    finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values]))
+    if bool(finite.all()):
+        return []
+    return [name for name, ok in zip(names, finite.tolist()) if not ok]
+
+
 def _nonfinite_losses(loss_dict: Dict[str, torch.Tensor]) -> List[str]:
-    return [name for name, value in loss_dict.items() if not bool(torch.isfinite(value.detach()).all())]
+    return _nonfinite_names(list(loss_dict), [v.sum() for v in loss_dict.values()])
 
 
 def _nonfinite_gradients(model: torch.nn.Module) -> List[str]:
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named:
-        return []
-    # One fused reduction for the common (all finite) case, names only when something is off.
-    norms = torch._foreach_norm([g.detach() for _, g in named])
-    if bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all()):
-        return []
-    return [name for (name, _), norm in zip(named, norms) if not bool(torch.isfinite(norm))]
+    # one fused norm per gradient: a gradient with a NaN/inf element has a NaN/inf norm
+    norms = torch._foreach_norm([g.detach() for _, g in named]) if named else []
+    return _nonfinite_names([n for n, _ in named], list(norms))
 
 
 class NonFiniteStepGuard:

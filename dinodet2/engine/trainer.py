@@ -85,12 +85,13 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
         # DefaultTrainer's hooks live on this object, but the inner trainer's run_step calls
-        # after_backward on its own (empty) list: share the list so HookBase.after_backward works.
-        self._trainer._hooks = self._hooks
+        # after_backward on its own (empty) hook list: route that one call to these hooks.
+        self._trainer.after_backward = self.after_backward
 
     def build_hooks(self):
-        # Inserted right after IterationTimer: before the writers (their scalars get written) and,
-        # for CurriculumHook, before EvalHook (its after_train restores every query first).
+        # ExactResumeHook first (each step's seeds are set before any other hook runs); the others
+        # before the writers (their scalars get written) and, for CurriculumHook, before EvalHook
+        # (its after_train restores every query first).
         hooks = super().build_hooks()
         cfg = self.cfg
         hooks.insert(0, ExactResumeHook(lambda: self.seed, lambda seed: setattr(self, "seed", seed)))
