@@ -7,6 +7,7 @@ Keys are grouped by the component they configure:
 * ``MODEL.LORA``    -- LoRA adapters on the backbone (HF ``peft``)
 * ``MODEL.SFP``     -- the simple feature pyramid neck
 * ``MODEL.DETR``    -- the DETR meta-architecture: transformer, matcher, losses
+* ``MODEL.COMPILE`` -- torch.compile of the backbone / transformer
 * ``INPUT.AUG``     -- single- and multi-image training augmentations
 * ``CURRICULUM``    -- easy-to-hard sampling, query ramp-up, staged matching
 * ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options, non-finite steps
@@ -54,6 +55,12 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DINOV2.DROP_PATH_RATE = 0.0
     # Only load files already on disk (never contact the Hub). Also honoured: HF_HUB_OFFLINE=1.
     _C.MODEL.DINOV2.LOCAL_FILES_ONLY = False
+    # Windowed attention (ViTDet / RF-DETR): these 0-based blocks (negative = from the end; [] = off)
+    # attend inside NUM_WINDOWS x NUM_WINDOWS non-overlapping windows of the patch grid, the others
+    # globally; CLS/register tokens are copied into every window and averaged afterwards. Weights and
+    # parameter names are unchanged. Inputs are padded to multiples of PATCH_SIZE x NUM_WINDOWS.
+    _C.MODEL.DINOV2.WINDOW_BLOCK_INDEXES = []
+    _C.MODEL.DINOV2.NUM_WINDOWS = 4
 
     # ----------------------------------------------------------------------------------------
     # LoRA adapters (peft)
@@ -146,6 +153,22 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.DEFORMABLE.NUM_POINTS = 4
     # Heads of the deformable attention (0 = MODEL.DETR.NHEADS).
     _C.MODEL.DETR.DEFORMABLE.NHEADS = 0
+    # Sparse encoder tokens (Sparse DETR / Focus-DETR; dinodet2.modeling.transformer.sparse_encoder):
+    # a small MLP scores every encoder input token's foreground probability; the encoder layers update
+    # only the top KEEP_RATIO of each image's valid tokens (ceil(KEEP_RATIO x valid), at least 1;
+    # padding never), which attend to all tokens; the others pass through unchanged. PER_LEVEL: the
+    # ratio on every pyramid level instead of one top-k over all levels. The scorer learns from
+    # "loss_token_fg" (weight LOSS_WEIGHT > 0): sigmoid focal loss (FOCAL_ALPHA / FOCAL_GAMMA) towards
+    # "the token's centre lies in a ground-truth box (widened to one token cell)". Needs
+    # ENC_LAYERS >= 1 (standard or deformable). KEEP_RATIO 1.0 gives the dense encoder's detections.
+    _C.MODEL.DETR.SPARSE_ENCODER = CN()
+    _C.MODEL.DETR.SPARSE_ENCODER.ENABLED = False
+    _C.MODEL.DETR.SPARSE_ENCODER.KEEP_RATIO = 0.3
+    _C.MODEL.DETR.SPARSE_ENCODER.PER_LEVEL = False
+    _C.MODEL.DETR.SPARSE_ENCODER.LOSS_WEIGHT = 1.0
+    # The keep ratio in inference (0 = KEEP_RATIO): e.g. train with KEEP_RATIO 1.0 (dense encoder; the
+    # scorer still learns) and run sparse at test time with the same weights.
+    _C.MODEL.DETR.SPARSE_ENCODER.TEST_KEEP_RATIO = 0.0
     # Denoising training (DN-DETR; contrastive denoising from DINO). Needs reference-box queries
     # (ANCHOR_QUERIES or TWO_STAGE). Losses "*_dn" are reported separately.
     _C.MODEL.DETR.DN = CN()
@@ -158,6 +181,30 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.DN.BOX_NOISE_SCALE = 1.0
     # Add negative (reject-as-no-object) queries: DINO's contrastive denoising.
     _C.MODEL.DETR.DN.CONTRASTIVE = True
+    # Inference-time efficiency (dinodet2.modeling.transformer.adaptive_queries / query_pruning);
+    # off by default. Every threshold at its trivial value gives the full model's detections.
+    # Adaptive query count (TWO_STAGE): per image, keep the proposals whose best class probability
+    # is >= SCORE_THRESHOLD, clamped to [MIN_QUERIES, MAX_QUERIES] (0 = NUM_QUERIES). Inference
+    # only; training keeps the fixed top NUM_QUERIES. Threshold 0: the fixed top-k.
+    _C.MODEL.DETR.ADAPTIVE_QUERIES = CN()
+    _C.MODEL.DETR.ADAPTIVE_QUERIES.ENABLED = False
+    _C.MODEL.DETR.ADAPTIVE_QUERIES.SCORE_THRESHOLD = 0.05
+    _C.MODEL.DETR.ADAPTIVE_QUERIES.MIN_QUERIES = 1
+    _C.MODEL.DETR.ADAPTIVE_QUERIES.MAX_QUERIES = 0
+    # Progressive query pruning and early termination of the decoder (inference only): after each
+    # layer from START_LAYER on, queries whose best class probability is < DROP_SCORE are dropped,
+    # queries with probability >= FREEZE_SCORE whose box moved by <= FREEZE_BOX_DELTA (largest change
+    # of a normalised cx/cy/w/h) are frozen; both keep their last prediction; the decoder stops when
+    # no query is left. DROP_SCORE 0 and FREEZE_SCORE > 1: the full decoder.
+    _C.MODEL.DETR.QUERY_PRUNING = CN()
+    _C.MODEL.DETR.QUERY_PRUNING.ENABLED = False
+    _C.MODEL.DETR.QUERY_PRUNING.DROP_SCORE = 0.05
+    _C.MODEL.DETR.QUERY_PRUNING.FREEZE_SCORE = 0.9
+    _C.MODEL.DETR.QUERY_PRUNING.FREEZE_BOX_DELTA = 0.01
+    _C.MODEL.DETR.QUERY_PRUNING.START_LAYER = 1
+    # Any-depth decoding: inference runs only the first TEST_DEC_LAYERS decoder layers (0 = all);
+    # every layer is trained to predict (DEEP_SUPERVISION), so any depth gives detections.
+    _C.MODEL.DETR.TEST_DEC_LAYERS = 0
     _C.MODEL.DETR.NHEADS = 8
     _C.MODEL.DETR.ENC_LAYERS = 0
     _C.MODEL.DETR.DEC_LAYERS = 6
@@ -190,6 +237,33 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.COST_CLASS = 1.0
     _C.MODEL.DETR.COST_BBOX = 5.0
     _C.MODEL.DETR.COST_GIOU = 2.0
+
+    # ----------------------------------------------------------------------------------------
+    # torch.compile (dinodet2.engine.compilation); off by default
+    # ----------------------------------------------------------------------------------------
+    # Compile MODULES of the model in place (nn.Module.compile: state_dict keys, checkpoints, DDP and
+    # LoRA merging are unchanged) for training and inference. Graphs and graph breaks are logged at
+    # the first call and reported as compile/* training metrics; where compilation fails (no C++
+    # compiler, a backend that does not import, a dynamo error at the first call) a warning says so and
+    # the module runs eagerly.
+    _C.MODEL.COMPILE = CN()
+    _C.MODEL.COMPILE.ENABLED = False
+    # torch.compile's mode: "default", "reduce-overhead", "max-autotune", ... (inductor's modes).
+    _C.MODEL.COMPILE.MODE = "default"
+    # torch.compile backend: "inductor" (generated C++ / Triton kernels), "aot_eager", "eager", ...
+    _C.MODEL.COMPILE.BACKEND = "inductor"
+    # torch.compile's dynamic. True (default): sizes are symbolic from the first compilation, so
+    # batches of other image sizes (multi-scale training, aspect-ratio groups, evaluation) reuse it;
+    # measured on the (shrunk) demo over 30 iterations: 3 compilations (one more for the batches without
+    # padding), where None took 7. None: compile for the first shapes, then once more for every
+    # dimension seen to change (best for fixed-size inputs). False: one compilation per shape; after
+    # torch._dynamo.config.recompile_limit of them the module runs eagerly.
+    _C.MODEL.COMPILE.DYNAMIC = True
+    # Submodules of the meta-architecture to compile (dotted names): the tensor-heavy parts, not the
+    # Python pre- / post-processing (ImageList, Hungarian matching, Instances). Default: the backbone
+    # only; inductor's CPU code for the deformable attention (decomposed grid_sample) is several times
+    # slower than eager, so add "transformer" only where it measures faster (README, torch.compile).
+    _C.MODEL.COMPILE.MODULES = ["backbone"]
 
     # ----------------------------------------------------------------------------------------
     # Single-image training augmentations (dinodet2.data.augmentations); all off by default

@@ -194,7 +194,8 @@ def test_active_queries_in_training_and_inference(tiny_cfg, query_type):
     model.eval()
     captured = []
     inference = model.inference
-    model.inference = lambda logits, boxes, sizes: captured.append(logits) or inference(logits, boxes, sizes)
+    model.inference = lambda logits, boxes, sizes, padding=None: captured.append(logits) or inference(logits, boxes, sizes,
+                                                                                              padding)
     with torch.no_grad():
         out = model([{"image": torch.rand(3, 56, 70) * 255}])
     assert captured[-1].shape[:2] == (1, k)

@@ -112,13 +112,13 @@ def test_mask_isolates_matching_queries_and_groups_in_the_decoder(deformable):
                                 num_groups=3, max_objects=1, contrastive=True, num_objects=[1])
 
     with torch.no_grad():
-        plain, _, _ = t(*args)
-        a, _, _ = t(*args, denoising=dn_queries(1))
-        b, _, _ = t(*args, denoising=dn_queries(2))
+        plain = t(*args).states
+        a = t(*args, denoising=dn_queries(1)).states
+        b = t(*args, denoising=dn_queries(2)).states
         changed = dn_queries(1)
         changed.queries[:, 2:4] += 1.0  # group 1 only
         changed.boxes[:, 2:4] = changed.boxes[:, 2:4] * 0.5
-        c, _, _ = t(*args, denoising=changed)
+        c = t(*args, denoising=changed).states
     assert torch.allclose(a[:, :, 6:], plain, atol=1e-5)
     assert torch.allclose(b[:, :, 6:], plain, atol=1e-5)
     assert torch.allclose(c[:, :, 0:2], a[:, :, 0:2], atol=1e-6)  # group 0 unchanged

@@ -308,9 +308,15 @@ AUG_CURRICULUM_OPTS = [
 ]
 
 
+# the sparse encoder's token scorer learns from its own loss only: it must get a gradient every step
+SPARSE_ENCODER_OPTS = ["MODEL.DETR.SPARSE_ENCODER.ENABLED", "True", "MODEL.DETR.SPARSE_ENCODER.KEEP_RATIO", "0.3"]
+
+
 @pytest.mark.parametrize("config, extra_opts", [(CONFIG, []), (IMPROVED_CONFIG, []),
-                                                (IMPROVED_CONFIG, AUG_CURRICULUM_OPTS)],
-                         ids=["demo", "improved_decoder", "improved_with_augmentation_and_curriculum"])
+                                                (IMPROVED_CONFIG, AUG_CURRICULUM_OPTS),
+                                                (IMPROVED_CONFIG, SPARSE_ENCODER_OPTS)],
+                         ids=["demo", "improved_decoder", "improved_with_augmentation_and_curriculum",
+                              "improved_sparse_encoder"])
 def test_two_process_cpu_ddp(tmp_path, run_env, config, extra_opts):
     """DDP without find_unused_parameters: any parameter left without gradient (two-stage,
     denoising, deformable, fewer queries) would make the second iteration fail; the curriculum
@@ -331,7 +337,7 @@ def test_two_process_cpu_ddp(tmp_path, run_env, config, extra_opts):
     assert _load_checkpoint(out / "model_final.pth")["iteration"] == 2
     model = _load_checkpoint(out / "model_final.pth")["model"]
     assert not any(k.startswith("module.") for k in model), "DDP wrapper leaked into checkpoint"
-    if extra_opts:
+    if extra_opts is AUG_CURRICULUM_OPTS:
         assert "strong multi-image augmentation off" in log and "Curriculum sampling over" in log, _describe(proc)
 
 
@@ -453,3 +459,49 @@ def test_trainable_only_checkpoints_resume_evaluate_and_predict(tmp_path, run_en
     predictor = DefaultPredictor(cfg)
     result = predictor((torch.rand(80, 100, 3) * 255).to(torch.uint8).numpy())
     assert result["instances"].image_size == (80, 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. MODEL.COMPILE: training and evaluation compiled, counts in the metrics, a failing module eager
+# ------------------------------------------------------------------------------------------------
+_NO_RELU_BACKEND = '''
+import torch  # noqa: E402
+
+
+def no_relu(gm, example_inputs):
+    """Runs graphs without ReLU eagerly (as the "eager" backend) and fails to compile the others."""
+    if any(node.target in (torch.relu, torch.nn.functional.relu) for node in gm.graph.nodes):
+        raise RuntimeError("this backend cannot compile ReLU (simulated compiler failure)")
+    return gm.forward
+
+
+torch._dynamo.register_backend(no_relu, name="dinodet2_test_no_relu")
+
+'''
+
+
+def test_compiled_training_and_evaluation_with_an_eager_fallback(tmp_path, run_env):
+    """MODEL.COMPILE in a real run, with a backend (registered by the launcher) that compiles the
+    backbone (GELU) and fails on the transformer (ReLU in its FFNs and box head) at its first call:
+    the backbone trains and evaluates compiled, the transformer eagerly, and the counts are in the
+    metrics."""
+    launcher = tmp_path / "train_net_no_relu_backend.py"
+    text = _LAUNCHER.format(repo_root=str(REPO_ROOT), name=SMALL_VAL, num_images=SMALL_VAL_IMAGES)
+    entry = "import train_net  # noqa: E402"
+    launcher.write_text(text.replace(entry, _NO_RELU_BACKEND + entry))
+    out = tmp_path / "compiled"
+    proc = _run_ok(launcher, [*TINY_OPTS, "SOLVER.MAX_ITER", "3", "DATASETS.TEST", f'("{SMALL_VAL}",)',
+                              "MODEL.COMPILE.ENABLED", "True", "MODEL.COMPILE.BACKEND", "dinodet2_test_no_relu",
+                              "MODEL.COMPILE.MODULES", '["backbone", "transformer"]',
+                              "OUTPUT_DIR", out], run_env)
+    log = (out / "log.txt").read_text()
+    assert "torch.compile of `backbone`" in log and "training call 1: compiled" in log, _describe(proc)
+    assert "inference call" in log, "the evaluation did not run the compiled backbone\n" + _describe(proc)
+    assert re.search(r"torch.compile of `transformer` .* failed at its first call: .*simulated compiler failure",
+                     log), _describe(proc)
+    assert "`transformer` runs eagerly from now on" in log
+    scalars = [r for r in _metrics_records(out / "metrics.json") if "compile/graphs" in r]
+    assert scalars and scalars[-1]["compile/eager_fallbacks"] == 1 and scalars[-1]["compile/graphs"] >= 1, scalars
+    assert scalars[-1]["compile/graph_breaks"] == 0, log
+    assert all(r["total_loss"] == r["total_loss"] for r in scalars)
+    assert _copypaste(proc.stdout + proc.stderr), _describe(proc)

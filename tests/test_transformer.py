@@ -133,7 +133,7 @@ def test_boxes_are_relative_to_the_reference_with_or_without_refinement(refine):
     delta = [0.1, -0.2, 0.3, 0.05]
     t.decoder.box_head = ConstantDelta(delta)
     with torch.no_grad():
-        _, boxes, _ = t(_tokens(sizes=((4, 5),)))
+        boxes = t(_tokens(sizes=((4, 5),))).boxes
         anchors = inverse_sigmoid(t.queries.anchor_boxes.sigmoid())
     for layer in range(3):
         steps = layer + 1 if refine else 1  # refinement accumulates the delta layer after layer
@@ -144,7 +144,8 @@ def test_boxes_are_relative_to_the_reference_with_or_without_refinement(refine):
 def test_seed_queries_predict_boxes_without_a_reference():
     t = _transformer("learned").eval()
     with torch.no_grad():
-        states, boxes, proposals = t(_tokens())
+        out = t(_tokens())
+        states, boxes, proposals = out.states, out.boxes, out.proposals
         expected = t.decoder.box_head(states).sigmoid()
     assert proposals is None and torch.allclose(boxes, expected)
 
@@ -163,7 +164,7 @@ def test_look_forward_twice_lets_a_layer_loss_train_the_previous_layer(look_forw
             return out
 
     t.decoder.box_head = RecordingHead()
-    _, boxes, _ = t(_tokens())
+    boxes = t(_tokens()).boxes
     boxes[1].sum().backward()
     # Layer 0's predicted delta reaches layer 1's box only through the undetached previous box.
     has_grad = deltas[0].grad is not None and deltas[0].grad.abs().sum() > 0
@@ -174,7 +175,7 @@ def test_learned_queries_with_deformable_decoder_use_point_references():
     t = _transformer("learned", num_levels=2, DEFORMABLE__DECODER=True, ITERATIVE_REFINEMENT=False).eval()
     t.decoder.box_head = ConstantDelta([0.0, 0.0, 0.0, 0.0])
     with torch.no_grad():
-        _, boxes, _ = t(_tokens())
+        boxes = t(_tokens()).boxes
         points = t.queries.reference_points(t.queries.query_pos).sigmoid()
     # zero delta: centre = reference point, size = sigmoid(0)
     assert torch.allclose(boxes[0, 0, :, :2], points, atol=1e-5)

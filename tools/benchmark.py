@@ -29,6 +29,10 @@ Examples::
     # a random-init model, no Hub download:
     HF_HUB_OFFLINE=1 python tools/benchmark.py --config-file configs/COCO-Detection/detr_dinov2_base_lora4.yaml \\
         --mode train --image-size 448 MODEL.DINOV2.RANDOM_INIT True MODEL.DEVICE cpu
+    # torch.compile'd (compiled in the warm-up; eager vs compiled side by side, compile time apart:
+    # dinodet2.benchmarking.measure_compile):
+    python tools/benchmark.py --config-file configs/Demo/detr_shapes_tiny_improved.yaml --mode inference \\
+        --image-size 224 --warmup 2 MODEL.COMPILE.ENABLED True
 
 This file is the command line of :func:`dinodet2.benchmarking.run_benchmark`; import that from
 another script (the package docstring shows how).

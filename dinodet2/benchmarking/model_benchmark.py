@@ -78,10 +78,12 @@ def seed_everything(seed: int) -> None:
 def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_size: int, iters: int,
                   warmup: int, *, seed: int = DEFAULT_SEED, num_boxes: int = DEFAULT_NUM_BOXES,
                   count_flops: bool = True, model: Optional[torch.nn.Module] = None) -> Dict:
-    """Build the model of ``cfg`` (unless ``model`` is given) and time ``mode`` ("train" or
-    "inference") on a synthetic batch; return the measurements as a JSON-able dict."""
+    """Build the model of ``cfg`` (unless ``model`` is given; compiled with ``MODEL.COMPILE.ENABLED``,
+    its compilation then happens in the warm-up) and time ``mode`` ("train" or "inference") on a
+    synthetic batch; return the measurements as a JSON-able dict."""
     from detectron2.modeling import build_model
 
+    from ..engine.compilation import compile_model
     from ..engine.optimizer import build_optimizer
 
     if mode not in ("train", "inference"):
@@ -99,7 +101,7 @@ def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_s
 
     seed_everything(seed)
     if model is None:
-        model = build_model(cfg)
+        model = compile_model(cfg, build_model(cfg))
     model.to(device)
     num_classes = cfg.MODEL.DETR.NUM_CLASSES
     batch = make_synthetic_batch((h, w), batch_size, num_classes, with_instances=(mode == "train"),
@@ -142,7 +144,8 @@ def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_s
         was_training = model.training
         model.eval()
         one = [{k: v for k, v in batch[0].items() if k != "instances"}]
-        gflops = count_gflops_per_image(lambda: model(one), model)
+        with torch.compiler.set_stance("force_eager"):  # FLOPs of the eager ops, compiled or not
+            gflops = count_gflops_per_image(lambda: model(one), model)
         model.train(was_training)
 
     result = {

@@ -1,4 +1,5 @@
 from .checkpoint import Dinodet2Checkpointer, remap_lora_keys, trainable_state_dict
+from .compilation import CompileMetricsHook, compile_model, compile_report
 from .curriculum_schedules import CurriculumHook
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
 from .optimizer import build_optimizer, build_param_groups

@@ -15,6 +15,7 @@ from ..data import DetrDatasetMapper, TrainDataSchedule, check_datasets_exist, e
 from ..data.train_stream import SeededMapDataset, TrainStream, aspect_ratio_groups, build_index_sampler
 from ..param_report import log_parameter_summary
 from .checkpoint import Dinodet2Checkpointer
+from .compilation import CompileMetricsHook, compile_model, compile_report
 from .curriculum_schedules import CurriculumHook
 from .exact_resume import ExactResumeHook, resolve_run_seed
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
@@ -95,6 +96,8 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         cfg = self.cfg
         hooks.insert(0, ExactResumeHook(lambda: self.seed, lambda seed: setattr(self, "seed", seed)))
+        if compile_report(self.model) is not None:
+            hooks.insert(1, CompileMetricsHook(self.model))
         if cfg.MODEL.LORA.ENABLED and cfg.MODEL.LORA.ADALORA.ENABLED:
             hooks.insert(1, AdaLoraBudgetHook(self.model, cfg.OUTPUT_DIR))
         curriculum = CurriculumHook.from_config(cfg, self.model)
@@ -107,10 +110,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """DefaultTrainer's model; logs its parameter summary (total / trainable per component and kind)."""
+        """DefaultTrainer's model; logs its parameter summary (total / trainable per component and kind)
+        and compiles ``MODEL.COMPILE.MODULES`` in place with ``MODEL.COMPILE.ENABLED``
+        (:func:`.compilation.compile_model`; also for ``--eval-only``)."""
         model = super().build_model(cfg)
         log_parameter_summary(model)
-        return model
+        return compile_model(cfg, model)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

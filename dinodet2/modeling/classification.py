@@ -82,6 +82,10 @@ class Classification(nn.Module):
         """Top-``k`` detections of one image's ``[Q, C]`` logits: scores, query indices, labels."""
         raise NotImplementedError
 
+    def best_class_scores(self, logits: Tensor) -> Tensor:
+        """``[..., Q]``: each query's best object-class probability (its detection score)."""
+        raise NotImplementedError
+
 
 class SoftmaxClassification(Classification):
     """``"ce"``: softmax over K classes + a trailing no-object logit (weight ``no_object_weight``)."""
@@ -112,6 +116,9 @@ class SoftmaxClassification(Classification):
         # same normalisation as the unweighted mean: the sum of the class weights
         per_query = F.cross_entropy(logits.transpose(1, 2), target, weight=self.empty_weight, reduction="none")
         return (per_query * query_weights).sum() / self.empty_weight[target].sum()
+
+    def best_class_scores(self, logits):
+        return logits.float().softmax(-1)[..., :-1].amax(-1)
 
     def detections(self, logits, k):
         scores, labels = logits.softmax(-1)[:, :-1].max(-1)
@@ -171,9 +178,12 @@ class SigmoidClassification(Classification):
         scores, flat = prob.topk(min(k, prob.numel()))
         return scores, flat // self.num_classes, flat % self.num_classes
 
+    def best_class_scores(self, logits):
+        return logits.float().sigmoid().amax(-1)
+
     def selection_scores(self, logits: Tensor) -> Tensor:
         """Per-token score of two-stage proposal selection: the best class probability."""
-        return logits.detach().float().sigmoid().amax(-1)
+        return self.best_class_scores(logits.detach())
 
 
 def build_classification(class_loss: str, num_classes: int, *, no_object_weight: float = 0.1,

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage, has_event_storage
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .classification import Classification
 from .matcher import HungarianMatcher
+from .transformer.sparse_encoder import token_foreground_targets
 
 
 class SetCriterion(nn.Module):
@@ -30,10 +31,13 @@ class SetCriterion(nn.Module):
         class_weight: weight of the classification loss.
         l1_weight: weight of the L1 box loss.
         giou_weight: weight of the GIoU loss.
+        token_fg_weight: weight of ``loss_token_fg`` (the sparse encoder's token scorer).
+        token_focal: ``(alpha, gamma)`` of that focal loss.
     """
 
     def __init__(self, classification: Classification, matcher: nn.Module, class_weight: float = 1.0,
-                 l1_weight: float = 5.0, giou_weight: float = 2.0):
+                 l1_weight: float = 5.0, giou_weight: float = 2.0, token_fg_weight: float = 1.0,
+                 token_focal: Tuple[float, float] = (0.25, 2.0)):
         super().__init__()
         matcher_reading = getattr(matcher, "classification", classification)
         if matcher_reading.name != classification.name:
@@ -46,6 +50,8 @@ class SetCriterion(nn.Module):
         self.class_weight = class_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
+        self.token_fg_weight = token_fg_weight
+        self.token_focal = tuple(token_focal)
         self.last_metrics: Dict[str, float] = {}
 
     @classmethod
@@ -53,7 +59,8 @@ class SetCriterion(nn.Module):
         """The criterion of ``MODEL.DETR`` (loss weights) with its Hungarian matcher (costs)."""
         c = cfg.MODEL.DETR
         return cls(classification, HungarianMatcher.from_config(cfg, classification), class_weight=c.CLASS_WEIGHT,
-                   l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT)
+                   l1_weight=c.L1_WEIGHT, giou_weight=c.GIOU_WEIGHT, token_fg_weight=c.SPARSE_ENCODER.LOSS_WEIGHT,
+                   token_focal=(c.FOCAL_ALPHA, c.FOCAL_GAMMA))
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +80,9 @@ class SetCriterion(nn.Module):
                 a list of dicts with the same two keys, one per earlier decoder layer, and
                 optionally ``"enc_outputs"`` (two-stage token proposals, losses suffixed ``_enc``)
                 and ``"dn_outputs"`` (denoising queries: the two keys, ``"aux_outputs"``,
-                ``"indices"`` (their fixed assignment) and ``"num_groups"``; losses ``_dn``).
+                ``"indices"`` (their fixed assignment) and ``"num_groups"``; losses ``_dn``), and
+                optionally ``"token_scores"`` (the sparse encoder's token scorer, ``loss_token_fg``,
+                :meth:`token_foreground_loss`).
             targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
                 cxcywh), on the same device as the predictions, and optionally ``"weights"``
                 ([n] float, MixUp label weighting): a matched query's classification, L1 and
@@ -94,18 +103,41 @@ class SetCriterion(nn.Module):
         if "dn_outputs" in outputs:  # denoising queries with their fixed assignment
             dn = outputs["dn_outputs"]
             losses.update(self.denoising_losses(dn, targets, dn["indices"], num_boxes))
+        if "token_scores" in outputs:  # the sparse encoder's token scorer
+            losses.update(self.token_foreground_loss(outputs["token_scores"], targets))
         return losses
 
     @staticmethod
     def _num_boxes(targets: List[Dict[str, Tensor]], device: torch.device) -> float:
         """Average number of target boxes per worker (sum over all workers / world size), >= 1."""
-        num_boxes = torch.tensor(
-            float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
-        )
+        return SetCriterion._average_over_workers(sum(len(t["labels"]) for t in targets), device)
+
+    @staticmethod
+    def _average_over_workers(count: float, device: torch.device) -> float:
+        """``count`` summed over all workers / world size, at least 1 (a loss normaliser)."""
+        total = torch.tensor(float(count), dtype=torch.float32, device=device)
         world_size = comm.get_world_size()
         if world_size > 1:
-            torch.distributed.all_reduce(num_boxes)
-        return torch.clamp(num_boxes / world_size, min=1).item()
+            torch.distributed.all_reduce(total)
+        return torch.clamp(total / world_size, min=1).item()
+
+    def token_foreground_loss(self, token_scores: Dict[str, Tensor],
+                              targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """``loss_token_fg``: sigmoid focal loss of every valid token's foreground logit towards "its
+        centre lies in one of the image's target boxes" (:func:`token_foreground_targets`), summed and
+        normalised by the number of foreground tokens (averaged over workers, at least 1); padding
+        tokens are ignored.
+
+        ``token_scores``: ``logits`` ``[B, N]``, token ``centres`` and ``cells`` ``[B, N, 2]`` and
+        ``valid`` ``[B, N]`` (:meth:`~.transformer.sparse_encoder.SparseTokenSelector.loss_inputs`).
+        """
+        logits, valid = token_scores["logits"].float(), token_scores["valid"]
+        foreground = token_foreground_targets(token_scores["centres"], token_scores["cells"], valid,
+                                              [t["boxes"] for t in targets])
+        alpha, gamma = self.token_focal
+        loss = sigmoid_focal_loss(logits, foreground.to(logits.dtype), alpha, gamma, reduction="none")
+        norm = self._average_over_workers(foreground.sum().item(), logits.device)
+        return {"loss_token_fg": self.token_fg_weight * loss.masked_fill(~valid, 0.0).sum() / norm}
 
     def _layer_losses(
         self,

@@ -19,6 +19,13 @@ from .lora import (
     is_lora_parameter,
     layer_index_of,
 )
+from .windowed_attention import (
+    check_grid_divisible,
+    merge_windows,
+    partition_windows,
+    resolve_window_blocks,
+    validate_num_windows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +141,26 @@ class Dinov2Backbone(Backbone):
       DINOv2's own routine and cached per feature-grid shape.
     * CLS (and register) tokens are dropped from the outputs.
     * Output names are ``layer{i}`` for each 0-based block index ``i`` in ``out_indices``.
+    * Blocks in ``window_block_indexes`` (indices of the full model, negative from the end) attend
+      inside ``num_windows x num_windows`` windows of the patch grid (:mod:`.windowed_attention`);
+      inputs must then be multiples of ``patch_size * num_windows`` (the ``size_divisibility``).
     """
 
-    def __init__(self, vit: nn.Module, out_indices: Sequence[int] = (-1,), apply_layernorm: bool = True):
+    def __init__(self, vit: nn.Module, out_indices: Sequence[int] = (-1,), apply_layernorm: bool = True,
+                 window_block_indexes: Sequence[int] = (), num_windows: int = 1):
         super().__init__()
         depth = len(vit.encoder.layer)
         if not out_indices:
             raise ValueError("MODEL.DINOV2.OUT_INDICES is empty; give at least one block index (e.g. [-1]).")
         indices = sorted({i % depth if -depth <= i < depth else _bad_index(i, depth) for i in out_indices})
+        self.num_windows = validate_num_windows(num_windows)
+        # Windowed blocks among those that run (the blocks after the last output are dropped below).
+        windowed = resolve_window_blocks(window_block_indexes, depth)
+        self.window_blocks = {i for i in windowed if i <= indices[-1]}
+        if windowed - self.window_blocks:
+            logger.warning("MODEL.DINOV2.WINDOW_BLOCK_INDEXES names blocks %s, which are dropped (after the last "
+                           "OUT_INDICES block %d); they have no effect.", sorted(windowed - self.window_blocks),
+                           indices[-1])
         # Blocks after the last requested one never run: drop them (less memory, no DDP-unused params).
         vit.encoder.layer = vit.encoder.layer[: indices[-1] + 1]
         self.vit = vit
@@ -157,11 +176,12 @@ class Dinov2Backbone(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        return self.patch_size
+        """Inputs must be multiples of this: the patch size, times NUM_WINDOWS with windowed blocks."""
+        return self.patch_size * (self.num_windows if self.window_blocks else 1)
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        return {"size_divisibility": self.patch_size}
+        return {"size_divisibility": self.size_divisibility}
 
     def position_embeddings(self, height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[1, 1 + h*w, C] position embeddings (CLS first) for an input of ``height`` x ``width`` px.
@@ -172,8 +192,9 @@ class Dinov2Backbone(Backbone):
         emb = self.vit.embeddings
         table = emb.position_embeddings
         num_tokens = 1 + (height // self.patch_size) * (width // self.patch_size)
-        cacheable = not (torch.is_grad_enabled() and table.requires_grad)
-        key = (height, width, dtype, device, table._version, table.data_ptr())
+        # Under torch.compile the interpolation is traced into the graph (the key's data_ptr() would break it).
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not torch.compiler.is_compiling()
+        key = (height, width, dtype, device, table._version, table.data_ptr()) if cacheable else None
         if cacheable and key in self._pos_cache:
             self._pos_cache.move_to_end(key)
             return self._pos_cache[key]
@@ -194,6 +215,8 @@ class Dinov2Backbone(Backbone):
                 "pad it (Detectron2's ImageList does so with backbone.size_divisibility)."
             )
         h, w = height // p, width // p
+        if self.window_blocks:
+            check_grid_divisible(height, width, p, self.num_windows)
         emb = self.vit.embeddings
         patches = emb.patch_embeddings(x)
         pos = self.position_embeddings(height, width, patches.dtype, patches.device)
@@ -207,9 +230,14 @@ class Dinov2Backbone(Backbone):
         prefix = 1 + self.num_register_tokens
         outputs = {}
         for i, block in enumerate(self.vit.encoder.layer):
+            windowed = i in self.window_blocks
+            if windowed:  # the unchanged HF block runs on [B * n*n, prefix + window tokens, C]
+                hidden = partition_windows(hidden, prefix, (h, w), self.num_windows)
             hidden = block(hidden)
             if isinstance(hidden, tuple):  # transformers 4.x blocks return tuples
                 hidden = hidden[0]
+            if windowed:
+                hidden = merge_windows(hidden, prefix, (h, w), self.num_windows)
             if i in self.out_indices:
                 out = self.vit.layernorm(hidden) if self.apply_layernorm else hidden
                 out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
@@ -298,7 +326,8 @@ def build_dinov2_backbone(cfg, input_shape: ShapeSpec = None) -> Dinov2Backbone:
         drop_path_rate=c.DROP_PATH_RATE,
         local_files_only=c.LOCAL_FILES_ONLY,
     )
-    backbone = Dinov2Backbone(vit, out_indices=c.OUT_INDICES, apply_layernorm=c.APPLY_LAYERNORM)
+    backbone = Dinov2Backbone(vit, out_indices=c.OUT_INDICES, apply_layernorm=c.APPLY_LAYERNORM,
+                              window_block_indexes=c.WINDOW_BLOCK_INDEXES, num_windows=c.NUM_WINDOWS)
     if cfg.MODEL.LORA.ENABLED:
         ada = cfg.MODEL.LORA.ADALORA
         if ada.ENABLED:

@@ -16,6 +16,7 @@ from ..classification import Classification, classification_from_config
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
 from ..transformer import DetrTransformer, MultiLevelTokens, PositionEmbeddingSine
+from ..transformer.query_pruning import DecodingStats, QueryPruning
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class DETR(nn.Module):
         pixel_std: Sequence[float],
         detections_per_image: int = 100,
         denoising: Optional[DenoisingGenerator] = None,
+        pruning: Optional[QueryPruning] = None,
+        test_decoder_layers: int = 0,
     ):
         super().__init__()
         shapes = backbone.output_shape()
@@ -106,6 +109,10 @@ class DETR(nn.Module):
         self.position_encoding = PositionEmbeddingSine(hidden // 2, normalize=True)
         self.denoising = denoising
         self.class_embed = classification.head(hidden)
+        self.pruning = pruning
+        self.test_decoder_layers = transformer.decoder.check_depth(test_decoder_layers)
+        #: what the decoder ran on the last batch (queries per layer, layers run)
+        self.last_decoding_stats: Optional[DecodingStats] = None
 
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -128,6 +135,8 @@ class DETR(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "denoising": DenoisingGenerator.from_config(cfg),
+            "pruning": QueryPruning.from_config(cfg),
+            "test_decoder_layers": c.TEST_DEC_LAYERS,
         }
 
     def no_weight_decay(self):
@@ -217,18 +226,31 @@ class DETR(nn.Module):
                             denoising: Optional[DenoisingQueries] = None) -> Dict:
         """Backbone -> multi-level tokens -> transformer -> class / box predictions.
 
-        With ``denoising`` queries, their predictions are returned apart in ``"dn_outputs"``.
+        With ``denoising`` queries, their predictions are returned apart in ``"dn_outputs"``. In
+        eval mode the decoder runs ``test_decoder_layers`` layers, progressively with ``pruning``;
+        ``"query_padding"`` marks padding queries of an adaptive query count.
         """
-        states, boxes, proposals = self.transformer(self.tokens(images, mask), denoising, self._num_active_queries)
-        logits = self.class_embed(states)
+        decoding = {}
+        if not self.training:
+            decoding = dict(num_layers=self.test_decoder_layers, pruning=self.pruning,
+                            score_head=self.detection_scores if self.pruning is not None else None)
+        out = self.transformer(self.tokens(images, mask), denoising, self._num_active_queries, **decoding)
+        self.last_decoding_stats = out.stats
+        logits = self.class_embed(out.states)
         num_dn = denoising.num_queries if denoising is not None else 0
-        outputs = self._layer_outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:])
-        if proposals is not None:
-            outputs["enc_outputs"] = proposals
+        outputs = self._layer_outputs(logits[:, :, num_dn:], out.boxes[:, :, num_dn:])
+        if out.proposals is not None:
+            outputs["enc_outputs"] = out.proposals
+        if out.query_padding is not None:
+            outputs["query_padding"] = out.query_padding
         if denoising is not None:
-            outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn])
+            outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], out.boxes[:, :, :num_dn])
             outputs["dn_outputs"].update(indices=denoising.match_indices(), num_groups=denoising.num_groups)
         return outputs
+
+    def detection_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """``[B, Q]`` best class probability of decoder states (what query pruning reads)."""
+        return self.classification.best_class_scores(self.class_embed(states))
 
     def _layer_outputs(self, logits: torch.Tensor, boxes: torch.Tensor) -> Dict:
         """``[L, B, Q, *]`` per-layer predictions -> final layer + ``aux_outputs``."""
@@ -241,7 +263,8 @@ class DETR(nn.Module):
         images, mask = self.preprocess_image(batched_inputs)
         if not self.training:
             outputs = self.forward_transformer(images, mask)
-            results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+            results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes,
+                                     outputs.get("query_padding"))
             processed = []
             for result, x, size in zip(results, batched_inputs, images.image_sizes):
                 height, width = x.get("height", size[0]), x.get("width", size[1])
@@ -253,6 +276,7 @@ class DETR(nn.Module):
         targets = self.prepare_targets(batched_inputs, images)
         denoising = self.denoising(targets) if self.denoising is not None else None
         outputs = self.forward_transformer(images, mask, denoising)
+        outputs.update(self.transformer.encoder.pop_outputs())  # sparse encoder: "token_scores"
         losses = self.criterion(outputs, targets)
         if hasattr(self.backbone, "extra_losses"):
             losses.update(self.backbone.extra_losses())
@@ -262,11 +286,14 @@ class DETR(nn.Module):
             losses["loss_class"] = losses["loss_class"] + 0.0 * self.denoising.label_embed.weight.sum()
         return losses
 
-    def inference(self, logits: torch.Tensor, boxes: torch.Tensor,
-                  image_sizes: List[Tuple[int, int]]) -> List[Instances]:
-        """Top-k detections per image in the resized (unpadded) image frame, absolute XYXY."""
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes: List[Tuple[int, int]],
+                  query_padding: Optional[torch.Tensor] = None) -> List[Instances]:
+        """Top-k detections per image in the resized (unpadded) image frame, absolute XYXY;
+        ``query_padding`` ``[B, Q]`` (True: padding query) leaves those queries out."""
         results = []
-        for logit, box, (h, w) in zip(logits.float(), boxes.float(), image_sizes):
+        for i, (logit, box, (h, w)) in enumerate(zip(logits.float(), boxes.float(), image_sizes)):
+            if query_padding is not None:
+                logit, box = logit[~query_padding[i]], box[~query_padding[i]]
             scores, query, labels = self.classification.detections(logit, self.detections_per_image)
             xyxy = box_convert(box[query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=box.device)
             result = Instances((h, w))

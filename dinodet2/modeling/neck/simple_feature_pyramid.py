@@ -92,11 +92,13 @@ class Dinov2SimpleFeaturePyramid(Backbone):
             self._out_features.append(name)
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = out_channels
-        self._size_divisibility = net.size_divisibility * max(1, int(round(1 / min(self.scale_factors))))
+        # The ViT's own constraint (patch size, x NUM_WINDOWS with windowed attention) and the coarsest level's.
+        self._size_divisibility = math.lcm(net.size_divisibility, max(self._out_feature_strides.values()))
 
     @property
     def size_divisibility(self) -> int:
-        """Pad to a multiple of the coarsest stride so every level has an exact integer size."""
+        """Pad to a multiple of the coarsest stride so every level has an exact integer size (and of the
+        ViT's ``size_divisibility``, e.g. patch size x NUM_WINDOWS with windowed attention)."""
         return self._size_divisibility
 
     @property

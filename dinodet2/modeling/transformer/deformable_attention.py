@@ -17,8 +17,11 @@ __all__ = ["MultiScaleDeformableAttention", "ms_deform_attn_sampling"]
 
 
 def _level_sizes(spatial_shapes: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
-    """``[L, 2]`` tensor of ``(h, w)`` -> tuple of Python ``(h, w)`` pairs."""
-    return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    """``[L, 2]`` tensor of ``(h, w)`` -> tuple of Python ``(h, w)`` pairs. Tensors made by
+    :meth:`~.multilevel_tokens.MultiLevelTokens.from_levels` carry them as ``level_sizes``: no
+    device sync, and no data-dependent ``tolist()`` (a graph break) under ``torch.compile``."""
+    sizes = getattr(spatial_shapes, "level_sizes", None)
+    return sizes if sizes is not None else tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
 
 
 def ms_deform_attn_sampling(value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -148,6 +151,26 @@ class MultiScaleDeformableAttention(nn.Module):
             return ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
         raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
 
+    def project_value(self, value: torch.Tensor, value_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The memory side of the attention: ``value_proj`` of ``[B, S, C]`` values, padding zeroed,
+        split into heads ``[B, S, H, Dh]``. It depends on the memory only, so a decoder computes it
+        once per layer and reuses it for every query (:mod:`.decoder_memory`)."""
+        batch, num_tokens, _ = value.shape
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        return value.view(batch, num_tokens, self.num_heads, self.head_dim)
+
+    def attend(self, query: torch.Tensor, reference_points: torch.Tensor, projected_value: torch.Tensor,
+               spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """The query side: attend from ``query`` ``[B, Q, C]`` into :meth:`project_value`'s output."""
+        if spatial_shapes.shape[0] != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} levels, got {spatial_shapes.shape[0]}")
+        locations = self.sampling_locations(query, reference_points, spatial_shapes)
+        probs = self.attention_probs(query)
+        out = ms_deform_attn_sampling(projected_value, spatial_shapes, locations, probs)
+        return self.dropout(self.output_proj(out))
+
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
                 spatial_shapes: torch.Tensor,
                 value_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -161,14 +184,6 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns:
             ``[B, Q, C]``.
         """
-        batch, num_tokens, _ = value.shape
         if spatial_shapes.shape[0] != self.num_levels:
             raise ValueError(f"expected {self.num_levels} levels, got {spatial_shapes.shape[0]}")
-        value = self.value_proj(value)
-        if value_padding_mask is not None:
-            value = value.masked_fill(value_padding_mask[..., None], 0.0)
-        value = value.view(batch, num_tokens, self.num_heads, self.head_dim)
-        locations = self.sampling_locations(query, reference_points, spatial_shapes)
-        probs = self.attention_probs(query)
-        out = ms_deform_attn_sampling(value, spatial_shapes, locations, probs)
-        return self.dropout(self.output_proj(out))
+        return self.attend(query, reference_points, self.project_value(value, value_padding_mask), spatial_shapes)

@@ -24,11 +24,13 @@ class DeformableTransformerEncoderLayer(TransformerEncoderLayer):
                          activation_dropout, self_attn=MultiScaleDeformableAttention(d_model, nhead, num_levels,
                                                                                      num_points))
 
-    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes):
-        """``reference_points``: ``[B, N, L, 2]`` token centres in every level's coordinates."""
+    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes, memory=None, memory_pos=None):
+        """``reference_points``: ``[B, Q, L, 2]`` the centres of the tokens ``x`` in every level's
+        coordinates; the value map is ``memory`` (all tokens, default ``x``)."""
         if reference_points is None:
             raise ValueError("deformable self-attention needs reference points")
-        return self.self_attn(_with_pos(x, pos), reference_points, x, spatial_shapes, key_padding_mask)
+        return self.self_attn(_with_pos(x, pos), reference_points, x if memory is None else memory, spatial_shapes,
+                              key_padding_mask)
 
 
 class DeformableTransformerDecoderLayer(TransformerDecoderLayer):
@@ -41,9 +43,11 @@ class DeformableTransformerDecoderLayer(TransformerDecoderLayer):
                          activation_dropout)
         self.cross_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points)
 
-    def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,
-                        spatial_shapes):
+    def project_memory(self, memory, pos, memory_key_padding_mask):
+        """The deformable value projection (positions are not used on the value side)."""
+        return self.cross_attn.project_value(memory, memory_key_padding_mask)
+
+    def cross_attention(self, x, projected_memory, query_pos, reference_points, spatial_shapes):
         if reference_points is None:
             raise ValueError("deformable cross-attention needs reference points")
-        return self.cross_attn(_with_pos(x, query_pos), reference_points, memory, spatial_shapes,
-                               memory_key_padding_mask)
+        return self.cross_attn.attend(_with_pos(x, query_pos), reference_points, projected_memory, spatial_shapes)

@@ -8,7 +8,7 @@ several times slower, and the FFN's hidden activations are the largest tensors o
 are separate keys (``MODEL.DETR.ATTENTION_DROPOUT`` / ``ACTIVATION_DROPOUT``, default 0).
 """
 import copy
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -53,14 +53,25 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes):
-        """Standard self-attention over every token (references are not used)."""
-        q = k = _with_pos(x, pos)
-        return self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+    def attention(self, x, pos, key_padding_mask, reference_points, spatial_shapes, memory=None, memory_pos=None):
+        """Standard attention from ``x`` to every token of ``memory`` (default: ``x`` itself, self-attention;
+        references are not used)."""
+        q = _with_pos(x, pos)
+        k = q if memory is None else _with_pos(memory, memory_pos)
+        return self.self_attn(q, k, x if memory is None else memory, key_padding_mask=key_padding_mask,
+                              need_weights=False)[0]
 
-    def forward(self, src, pos=None, key_padding_mask=None, *, reference_points=None, spatial_shapes=None):
+    def forward(self, src, pos=None, key_padding_mask=None, *, reference_points=None, spatial_shapes=None,
+                memory=None, memory_pos=None):
+        """Update the tokens ``src`` ``[B, Q, C]``. By default they attend to each other; with ``memory``
+        ``[B, N, C]`` (and its positions ``memory_pos``) they are a subset of the tokens that attends to
+        all of them (the sparse encoder, :mod:`.sparse_encoder`), and ``key_padding_mask`` ``[B, N]`` is
+        ``memory``'s."""
         x = self.norm1(src) if self.normalize_before else src
-        src = src + self.dropout1(self.attention(x, pos, key_padding_mask, reference_points, spatial_shapes))
+        if memory is not None and self.normalize_before:
+            memory = self.norm1(memory)  # keys / values are normalised like the queries
+        src = src + self.dropout1(self.attention(x, pos, key_padding_mask, reference_points, spatial_shapes,
+                                                 memory, memory_pos))
         if not self.normalize_before:
             src = self.norm1(src)
         x = self.norm2(src) if self.normalize_before else src
@@ -88,24 +99,63 @@ class TransformerDecoderLayer(nn.Module):
             return x + self.dropouts[i](fn(self.norms[i](x)))
         return self.norms[i](x + self.dropouts[i](fn(x)))
 
-    def cross_attention(self, x, memory, query_pos, pos, memory_key_padding_mask, reference_points,
-                        spatial_shapes):
-        """Standard cross-attention to every image token (references are not used)."""
-        return self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
-                               key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+    def project_memory(self, memory: torch.Tensor, pos: Optional[torch.Tensor],
+                       memory_key_padding_mask: Optional[torch.Tensor]) -> "ProjectedKeysValues":
+        """The memory side of the cross-attention: keys ``(memory + pos) W_k`` and values
+        ``memory W_v`` per head, computed once per layer and shared by every query
+        (:mod:`.decoder_memory`). Uses ``cross_attn``'s own weights (state-dict keys unchanged)."""
+        attn = self.cross_attn
+        _, w_k, w_v = attn.in_proj_weight.chunk(3)
+        _, b_k, b_v = attn.in_proj_bias.chunk(3)
+        keys = _split_heads(F.linear(_with_pos(memory, pos), w_k, b_k), attn.num_heads)
+        values = _split_heads(F.linear(memory, w_v, b_v), attn.num_heads)
+        allowed = None if memory_key_padding_mask is None else ~memory_key_padding_mask[:, None, None, :]
+        return ProjectedKeysValues(keys, values, allowed)
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, memory_key_padding_mask=None,
-                self_attn_mask=None, reference_points=None, spatial_shapes=None):
+    def cross_attention(self, x, projected_memory, query_pos, reference_points, spatial_shapes):
+        """Standard cross-attention to every image token (references are not used)."""
+        attn = self.cross_attn
+        w_q, _, _ = attn.in_proj_weight.chunk(3)
+        b_q, _, _ = attn.in_proj_bias.chunk(3)
+        queries = _split_heads(F.linear(_with_pos(x, query_pos), w_q, b_q), attn.num_heads)
+        out = F.scaled_dot_product_attention(queries, projected_memory.keys, projected_memory.values,
+                                             attn_mask=projected_memory.allowed,
+                                             dropout_p=attn.dropout if self.training else 0.0)
+        return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, tgt, memory=None, query_pos=None, pos=None, memory_key_padding_mask=None,
+                self_attn_mask=None, reference_points=None, spatial_shapes=None, query_padding_mask=None,
+                projected_memory=None):
         """``self_attn_mask``: ``[Q, Q]`` bool, True where query i may not attend to query j
-        (denoising groups); ``reference_points``: per-level references for deformable layers."""
+        (denoising groups); ``query_padding_mask``: ``[B, Q]`` bool, True on padding queries (an
+        adaptive query count), which no query attends to; ``reference_points``: per-level
+        references for deformable layers; ``projected_memory``: this layer's
+        :meth:`project_memory` output, computed here when not given."""
+        if projected_memory is None:
+            projected_memory = self.project_memory(memory, pos, memory_key_padding_mask)
+
         def self_attn(x):
             q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, attn_mask=self_attn_mask, need_weights=False)[0]
+            return self.self_attn(q, k, x, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask,
+                                  need_weights=False)[0]
 
         def cross_attn(x):
-            return self.cross_attention(x, memory, query_pos, pos, memory_key_padding_mask,
-                                        reference_points, spatial_shapes)
+            return self.cross_attention(x, projected_memory, query_pos, reference_points, spatial_shapes)
 
         tgt = self._block(0, tgt, self_attn)
         tgt = self._block(1, tgt, cross_attn)
         return self._block(2, tgt, self.ffn)
+
+
+class ProjectedKeysValues(NamedTuple):
+    """Keys and values ``[B, H, S, Dh]`` of a standard cross-attention and the ``[B, 1, 1, S]``
+    mask of the tokens that may be attended to (None: all)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    allowed: Optional[torch.Tensor]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, C]`` -> ``[B, H, N, C / H]``."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)

@@ -19,7 +19,7 @@ class MultiLevelTokens:
         level_masks: per level ``[B, h, w]`` padding masks (True = padding).
         mask: ``[B, N]`` flattened padding mask, or None when the batch has no padding (attention
             can then take PyTorch's fused path).
-        spatial_shapes: ``[L, 2]`` int64 ``(h, w)`` of every level.
+        spatial_shapes: ``[L, 2]`` int64 ``(h, w)`` of every level (as Python ints: ``spatial_shapes.level_sizes``).
         ratios: ``[B, L, 2]`` per level the ``(w, h)`` fraction of the padded map covered by the
             image (:func:`~.token_geometry.valid_ratios`).
     """
@@ -40,6 +40,7 @@ class MultiLevelTokens:
         pos = torch.cat([p.flatten(2).transpose(1, 2) for p in poss], 1)
         mask = torch.cat([m.flatten(1) for m in level_masks], 1)
         shapes = torch.tensor([m.shape[-2:] for m in level_masks], dtype=torch.int64, device=src.device)
+        shapes.level_sizes = tuple((int(m.shape[-2]), int(m.shape[-1])) for m in level_masks)  # read by _level_sizes
         return cls(src, pos, level_masks, mask if bool(mask.any()) else None, shapes,
                    valid_ratios(level_masks).to(src.dtype))
 

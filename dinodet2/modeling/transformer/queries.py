@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..classification import Classification
+from .adaptive_queries import AdaptiveQueryCount
 from .box_encoding import box_sine_embedding, inverse_sigmoid
 from .multilevel_tokens import MultiLevelTokens
 
@@ -40,11 +41,13 @@ class QueryInit:
         reference: ``[B, Q, 2]`` points or ``[B, Q, 4]`` boxes (normalised), or None (the seed:
             boxes are predicted without a reference).
         proposals: two-stage token proposals ``{"pred_logits", "pred_boxes"}`` (``*_enc`` losses) or None.
+        padding: ``[B, Q]`` True on padding queries (an adaptive query count per image), or None.
     """
 
     content: torch.Tensor
     reference: Optional[torch.Tensor]
     proposals: Optional[Dict[str, torch.Tensor]] = None
+    padding: Optional[torch.Tensor] = None
 
 
 class Queries(nn.Module):
@@ -152,14 +155,18 @@ class TwoStageQueries(ReferenceBoxQueries):
         classification: how the proposals' class logits are read; must be a sigmoid reading
             (proposals are ranked by their best class probability).
         mixed_selection: learned content queries (DINO) instead of the selected tokens' features.
+        adaptive_count: in inference, keep a per-image number of proposals
+            (:class:`~.adaptive_queries.AdaptiveQueryCount`) instead of the fixed top-``k``.
     """
 
-    def __init__(self, num_queries: int, d_model: int, classification: Classification, mixed_selection: bool = True):
+    def __init__(self, num_queries: int, d_model: int, classification: Classification, mixed_selection: bool = True,
+                 adaptive_count: Optional[AdaptiveQueryCount] = None):
         if not classification.sigmoid:
             raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
                              "MODEL.DETR.CLASS_LOSS='focal' or 'varifocal'.")
         super().__init__(num_queries, d_model, learned_content=mixed_selection)
         self.classification = classification
+        self.adaptive_count = adaptive_count
         self.token_proj = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
         self.class_head = classification.head(d_model)
         self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model),
@@ -179,7 +186,12 @@ class TwoStageQueries(ReferenceBoxQueries):
     def initial(self, tokens, memory, k=None):
         k = min(self.check_active(k), memory.shape[1])
         proposals = self.propose(tokens, memory)
-        top = proposals["scores"].topk(k, dim=1).indices  # [B, k]
+        padding = None
+        if self.adaptive_count is not None and not self.training:
+            top, padding = self.adaptive_count.select(proposals["scores"], k)
+            k = top.shape[1]
+        else:
+            top = proposals["scores"].topk(k, dim=1).indices  # [B, k]
         reference = torch.gather(proposals["pred_boxes"].detach(), 1, top[..., None].expand(-1, -1, 4))
         if self.content is not None:
             content = self.learned_content(memory.shape[0], k)
@@ -187,14 +199,17 @@ class TwoStageQueries(ReferenceBoxQueries):
             feats = proposals["features"]
             content = torch.gather(feats, 1, top[..., None].expand(-1, -1, feats.shape[-1])).detach()
         return QueryInit(content, reference, {"pred_logits": proposals["pred_logits"],
-                                              "pred_boxes": proposals["pred_boxes"]})
+                                              "pred_boxes": proposals["pred_boxes"]}, padding)
 
 
 def build_queries(cfg, classification: Classification) -> Queries:
     """The query kind ``MODEL.DETR`` selects: TWO_STAGE, else ANCHOR_QUERIES, else learned."""
     c = cfg.MODEL.DETR
     if c.TWO_STAGE:
-        return TwoStageQueries(c.NUM_QUERIES, c.HIDDEN_DIM, classification, c.MIXED_QUERY_SELECTION)
+        return TwoStageQueries(c.NUM_QUERIES, c.HIDDEN_DIM, classification, c.MIXED_QUERY_SELECTION,
+                               AdaptiveQueryCount.from_config(cfg))
+    if c.ADAPTIVE_QUERIES.ENABLED:
+        AdaptiveQueryCount.from_config(cfg)  # raises: the count needs two-stage proposals
     if c.ANCHOR_QUERIES:
         return AnchorQueries(c.NUM_QUERIES, c.HIDDEN_DIM)
     return LearnedQueries(c.NUM_QUERIES, c.HIDDEN_DIM, point_reference=c.DEFORMABLE.DECODER)

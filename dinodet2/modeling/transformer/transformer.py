@@ -3,7 +3,8 @@ decoder queries (:mod:`.queries`) and a decoder that refines boxes layer by laye
 
 Every improvement is a part or a setting of a part (see ``MODEL.DETR`` in :mod:`dinodet2.config`):
 
-* encoder layers: standard self-attention or multi-scale deformable attention (:class:`DetrEncoder`);
+* encoder layers: standard self-attention or multi-scale deformable attention (:class:`DetrEncoder`),
+  optionally updating only the tokens a scorer selects (:mod:`.sparse_encoder`);
 * decoder cross-attention: standard (every token) or deformable (around each query's reference);
 * queries: learned, anchor or two-stage (:func:`~.queries.build_queries`);
 * boxes are predicted relative to the reference (inverse-sigmoid space; no reference: relative to
@@ -14,7 +15,8 @@ Every improvement is a part or a setting of a part (see ``MODEL.DETR`` in :mod:`
 * denoising queries (:mod:`dinodet2.modeling.denoising`) are prepended to the matching queries,
   kept apart by a self-attention mask.
 """
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,13 +25,16 @@ import torch.nn.functional as F
 from ..classification import Classification
 from .box_encoding import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
+from .decoder_memory import DecoderMemory
 from .deformable_layers import DeformableTransformerDecoderLayer, DeformableTransformerEncoderLayer
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer, clones
 from .multilevel_tokens import MultiLevelTokens
 from .queries import Queries, build_queries
+from .query_pruning import ActiveQueries, DecodingStats, QueryPruning
+from .sparse_encoder import SparseTokenSelector, TokenSelection
 from .token_geometry import to_level_coordinates
 
-__all__ = ["BoxHead", "DetrDecoder", "DetrEncoder", "DetrTransformer"]
+__all__ = ["BoxHead", "DetrDecoder", "DetrEncoder", "DetrTransformer", "TransformerOutput"]
 
 
 def _reset_layer_parameters(module: nn.Module) -> None:
@@ -59,26 +64,77 @@ class BoxHead(nn.Module):
 
 
 class DetrEncoder(nn.Module):
-    """Encoder layers (standard or deformable) over the multi-level tokens, optional final norm."""
+    """Encoder layers (standard or deformable) over the multi-level tokens, optional final norm.
 
-    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
+    With ``sparse`` (:mod:`.sparse_encoder`, ``MODEL.DETR.SPARSE_ENCODER``) the layers update only the
+    tokens its scorer selects (:meth:`encode_selected`); the final norm still applies to every token.
+    A training forward leaves the scorer's logits for the ``loss_token_fg`` loss in :meth:`pop_outputs`.
+    """
+
+    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None,
+                 sparse: Optional[SparseTokenSelector] = None):
         super().__init__()
+        if sparse is not None and num_layers < 1:
+            raise ValueError("MODEL.DETR.SPARSE_ENCODER.ENABLED needs MODEL.DETR.ENC_LAYERS >= 1.")
         self.layers = clones(layer, num_layers)
         self.norm = norm if num_layers else None
         self.deformable = isinstance(layer, DeformableTransformerEncoderLayer)
         _reset_layer_parameters(self.layers)
+        self.sparse = sparse  # None registers nothing: the state-dict keys of the dense encoder
+        self._outputs: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def _references(self, tokens: MultiLevelTokens) -> Optional[torch.Tensor]:
+        """Deformable layers sample around every token's own centre on every level: ``[B, N, L, 2]``."""
+        if not self.deformable:
+            return None
+        return to_level_coordinates(tokens.anchors[0][..., :2].to(tokens.src.dtype), tokens.ratios)
 
     def forward(self, tokens: MultiLevelTokens) -> torch.Tensor:
         memory = tokens.src
         if not len(self.layers):
             return memory
-        # Deformable layers sample around every token's own centre on every level.
-        refs = to_level_coordinates(tokens.anchors[0][..., :2].to(memory.dtype), tokens.ratios) \
-            if self.deformable else None
-        for layer in self.layers:
-            memory = layer(memory, pos=tokens.pos, key_padding_mask=tokens.mask, reference_points=refs,
-                           spatial_shapes=tokens.spatial_shapes)
+        selection = None
+        if self.sparse is not None and (self.training or not self.sparse.keeps_every_token):
+            logits = self.sparse.scorer(memory)
+            if self.training:
+                self._outputs = {"token_scores": self.sparse.loss_inputs(logits, tokens)}
+            if not self.sparse.keeps_every_token:
+                selection = self.sparse.select(logits, tokens)
+        if selection is not None:
+            memory = self.encode_selected(tokens, selection)
+        else:
+            refs = self._references(tokens)
+            for layer in self.layers:
+                memory = layer(memory, pos=tokens.pos, key_padding_mask=tokens.mask, reference_points=refs,
+                               spatial_shapes=tokens.spatial_shapes)
         return self.norm(memory) if self.norm is not None else memory
+
+    def encode_selected(self, tokens: MultiLevelTokens, selection: TokenSelection) -> torch.Tensor:
+        """The layers update only ``selection``'s tokens, the queries of every layer; keys / values are all
+        tokens (the selected ones as updated so far, scattered back after every layer). The other tokens
+        keep their input features bit for bit. ``[B, N, C]``, before the final norm."""
+        memory, index = tokens.src, selection.index
+        if index.shape[1] == 0:
+            return memory
+
+        def gather(x: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [B, K, ...]
+            return torch.gather(x, 1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+        refs = self._references(tokens)
+        query, pos, keep = gather(memory), gather(tokens.pos), selection.keep[..., None]
+        query_refs = gather(refs) if refs is not None else None
+        for layer in self.layers:
+            updated = layer(query, pos=pos, key_padding_mask=tokens.mask, reference_points=query_refs,
+                            spatial_shapes=tokens.spatial_shapes, memory=memory, memory_pos=tokens.pos)
+            query = torch.where(keep, updated, query)  # slots past an image's count stay as they were
+            memory = memory.to(query.dtype).scatter(1, index[..., None].expand_as(query), query)
+        return memory
+
+    def pop_outputs(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The last training forward's outputs for the criterion, handed over once: ``token_scores``
+        (:meth:`~.sparse_encoder.SparseTokenSelector.loss_inputs`) with a sparse encoder, else nothing."""
+        outputs, self._outputs = self._outputs, {}
+        return outputs
 
 
 class DetrDecoder(nn.Module):
@@ -107,41 +163,102 @@ class DetrDecoder(nn.Module):
         self.look_forward_twice = look_forward_twice
 
     def forward(self, tokens: MultiLevelTokens, memory: torch.Tensor, queries: Queries, content: torch.Tensor,
-                reference: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """States ``[L, B, Q, C]`` (after the final norm) and boxes ``[L, B, Q, 4]`` of every layer."""
+                reference: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None,
+                query_padding: Optional[torch.Tensor] = None, num_layers: Optional[int] = None,
+                pruning: Optional[QueryPruning] = None, score_head: Optional[Callable] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, DecodingStats]:
+        """States ``[L, B, Q, C]`` (after the final norm) and boxes ``[L, B, Q, 4]`` of every layer run,
+        and what the pass cost.
+
+        ``query_padding`` ``[B, Q]``: padding queries (an adaptive query count), ignored by the
+        others' self-attention. ``num_layers``: run only the first layers (any-depth decoding;
+        None: all). ``pruning`` (inference, with ``score_head`` mapping states to class scores
+        ``[B, Q]``): progressive decoding (:mod:`.query_pruning`); then ``L`` is 1 and holds
+        every query's last state and box.
+        """
+        layers = self.layers[:self.check_depth(num_layers)]
         batch, num_queries = content.shape[:2]
+        cache = DecoderMemory(memory, tokens.pos, tokens.mask)
+        stats = DecodingStats(len(self.layers))
+        real = num_queries if query_padding is None else (~query_padding).sum(1).float().mean().item()
+        fixed_pos = None if queries.uses_reference_boxes else queries.position(reference, batch, num_queries)
+        if pruning is not None:
+            if score_head is None:
+                raise ValueError("progressive decoding needs the class scores (score_head)")
+            if attn_mask is not None:
+                raise ValueError("progressive decoding is for inference; it does not take denoising queries")
+            return self._progressive(layers, tokens, cache, queries, fixed_pos, content, reference, query_padding,
+                                     pruning, score_head, stats)
         states, boxes = [], []
         previous = reference  # the box a layer's prediction is relative to
-        for layer in self.layers:
-            query_pos = queries.position(reference, batch, num_queries)
-            level_refs = to_level_coordinates(reference, tokens.ratios) if self.deformable else None
-            content = layer(content, memory, query_pos=query_pos, pos=tokens.pos, memory_key_padding_mask=tokens.mask,
-                            self_attn_mask=attn_mask, reference_points=level_refs,
-                            spatial_shapes=tokens.spatial_shapes)
-            state = self.norm(content)
+        for index, layer in enumerate(layers):
+            stats.queries_per_layer.append(real)
+            content, state, box, reference, previous = self._layer(
+                index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, attn_mask, query_padding)
             states.append(state)
-            delta = self.box_head(state)
-            base = previous if self.look_forward_twice else reference
-            if base is not None:
-                base = inverse_sigmoid(base)
-                delta = delta + (F.pad(base, (0, 2)) if base.shape[-1] == 2 else base)  # a point: size from 0
-            box = delta.sigmoid()
             boxes.append(box)
-            if self.refine_boxes and reference is not None:
-                reference, previous = box.detach(), box
-        return torch.stack(states), torch.stack(boxes)
+        return torch.stack(states), torch.stack(boxes), stats
+
+    def check_depth(self, num_layers: Optional[int]) -> int:
+        if num_layers is None or num_layers == 0:
+            return len(self.layers)
+        if not 1 <= num_layers <= len(self.layers):
+            raise ValueError(f"MODEL.DETR.TEST_DEC_LAYERS={num_layers} must be in 1..{len(self.layers)} "
+                             f"(MODEL.DETR.DEC_LAYERS), or 0 for all layers.")
+        return num_layers
+
+    def _layer(self, index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, attn_mask,
+               query_padding):
+        """One decoder layer: new content, its normed state, its box, the next reference and base.
+        ``fixed_pos``: the positional queries of query kinds without reference boxes (the same in
+        every layer), else None (generated from the reference)."""
+        batch, num_queries = content.shape[:2]
+        query_pos = fixed_pos if fixed_pos is not None else queries.position(reference, batch, num_queries)
+        level_refs = to_level_coordinates(reference, tokens.ratios) if self.deformable else None
+        content = layer(content, query_pos=query_pos, self_attn_mask=attn_mask, reference_points=level_refs,
+                        spatial_shapes=tokens.spatial_shapes, query_padding_mask=query_padding,
+                        projected_memory=cache.projected(index, layer))
+        state = self.norm(content)
+        delta = self.box_head(state)
+        base = previous if self.look_forward_twice else reference
+        if base is not None:
+            base = inverse_sigmoid(base)
+            delta = delta + (F.pad(base, (0, 2)) if base.shape[-1] == 2 else base)  # a point: size from 0
+        box = delta.sigmoid()
+        if self.refine_boxes and reference is not None:
+            reference, previous = box.detach(), box
+        return content, state, box, reference, previous
+
+    def _progressive(self, layers, tokens, cache, queries, fixed_pos, content, reference, query_padding, pruning,
+                     score_head, stats):
+        """Progressive decoding (see :mod:`.query_pruning`)."""
+        active = ActiveQueries(content, query_padding)
+        previous = reference
+        last_box = reference
+        for index, layer in enumerate(layers):
+            batch = content.shape[0]
+            stats.queries_per_layer.append(active.valid.sum().item() / batch)
+            content, state, box, reference, previous = self._layer(
+                index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, None, active.padding)
+            active.record(state, box)
+            if index + 1 == len(layers) or not pruning.applies_after(index + 1):
+                last_box = box
+                continue
+            leaving = pruning.leaving(score_head(state), box, last_box)
+            any_left, (content, reference, previous, last_box, fixed_pos) = active.keep(
+                ~leaving, content, reference, previous, box, fixed_pos)
+            if not any_left:
+                break
+        return active.final_state[None], active.final_box[None], stats
 
 
 class DetrTransformer(nn.Module):
     """Encoder + queries + decoder (see the module docstring).
 
-    ``forward(tokens, denoising=None, num_queries=None)`` returns:
-
-    * ``states``: decoder states of every layer ``[num_layers, B, Q', C]``; ``Q'`` is the ``k``
-      matching queries (two-stage: at most the number of tokens) preceded by the denoising queries;
-    * ``boxes``: normalised cxcywh boxes of every layer ``[num_layers, B, Q', 4]``;
-    * ``proposals``: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or None.
+    ``forward`` returns a :class:`TransformerOutput`: every decoder layer's states and boxes for
+    the ``k`` matching queries (two-stage: at most the number of tokens) preceded by the
+    denoising queries, the two-stage proposals, the query padding of an adaptive query count
+    and the decoding statistics.
     """
 
     def __init__(self, encoder: DetrEncoder, queries: Queries, decoder: DetrDecoder):
@@ -173,13 +290,17 @@ class DetrTransformer(nn.Module):
             decoder_layer = DeformableTransformerDecoderLayer(*deformable, **common)
         else:
             decoder_layer = TransformerDecoderLayer(c.HIDDEN_DIM, c.NHEADS, **common)
-        encoder = DetrEncoder(encoder_layer, c.ENC_LAYERS, nn.LayerNorm(c.HIDDEN_DIM) if c.PRE_NORM else None)
+        encoder = DetrEncoder(encoder_layer, c.ENC_LAYERS, nn.LayerNorm(c.HIDDEN_DIM) if c.PRE_NORM else None,
+                              sparse=SparseTokenSelector.from_config(cfg))
         decoder = DetrDecoder(decoder_layer, c.DEC_LAYERS, c.HIDDEN_DIM, BoxHead(c.HIDDEN_DIM, c.HIDDEN_DIM, 4, 3),
                               refine_boxes=c.ITERATIVE_REFINEMENT, look_forward_twice=c.LOOK_FORWARD_TWICE)
         return cls(encoder, build_queries(cfg, classification), decoder)
 
-    def forward(self, tokens: MultiLevelTokens, denoising=None, num_queries: Optional[int] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    def forward(self, tokens: MultiLevelTokens, denoising=None, num_queries: Optional[int] = None,
+                num_layers: Optional[int] = None, pruning: Optional[QueryPruning] = None,
+                score_head: Optional[Callable] = None) -> "TransformerOutput":
+        """``num_queries``: active matching queries (None: all); ``num_layers``: decoder depth
+        (None: all); ``pruning`` + ``score_head``: progressive decoding (inference)."""
         memory = self.encoder(tokens)
         init = self.queries.initial(tokens, memory, num_queries)
         content, reference, attn_mask = init.content, init.reference, None
@@ -187,5 +308,28 @@ class DetrTransformer(nn.Module):
             content = torch.cat([denoising.queries.to(content.dtype), content], 1)
             reference = torch.cat([denoising.boxes.to(reference.dtype), reference], 1)
             attn_mask = denoising.attention_mask(content.shape[1])
-        states, boxes = self.decoder(tokens, memory, self.queries, content, reference, attn_mask)
-        return states, boxes, init.proposals
+        states, boxes, stats = self.decoder(tokens, memory, self.queries, content, reference, attn_mask,
+                                            query_padding=init.padding, num_layers=num_layers, pruning=pruning,
+                                            score_head=score_head)
+        return TransformerOutput(states, boxes, init.proposals, init.padding, stats)
+
+
+@dataclass
+class TransformerOutput:
+    """What :class:`DetrTransformer` returns.
+
+    Attributes:
+        states: decoder states ``[L, B, Q', C]`` of every layer run; ``Q'`` is the matching
+            queries preceded by the denoising queries; with progressive decoding ``L`` is 1 and
+            holds every query's last state.
+        boxes: normalised cxcywh boxes ``[L, B, Q', 4]``, likewise.
+        proposals: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or None.
+        query_padding: ``[B, Q]`` True on padding matching queries (adaptive query count), or None.
+        stats: queries and layers the decoder ran (:class:`~.query_pruning.DecodingStats`).
+    """
+
+    states: torch.Tensor
+    boxes: torch.Tensor
+    proposals: Optional[Dict[str, torch.Tensor]]
+    query_padding: Optional[torch.Tensor]
+    stats: DecodingStats
