@@ -13,16 +13,20 @@ Sections (``--sections``, default all):
   APs (Detectron2's ``COCOEvaluator``), images/s at batch 1 and 8 over the validation images
   (model call incl. post-processing, after warm-up), GFLOPs/image (``FlopCounterMode``, mean over
   the timed images), mean queries per image entering the decoder, mean decoder layers run and mean
-  query-layers per image.
+  query-layers per image. The timing is round-robin: every round times one pass of every setting in
+  turn, and the median round counts, so drift of the machine does not favour one setting.
 * ``hf``: ``benchmarks/compare_hf.py``'s deformable configuration (same random DINOv2 + LoRA,
   3 levels, 6+6 layers, 100 queries, 448 px, batch 2): HF ``DeformableDetrForObjectDetection`` vs
-  ours at full compute vs ours with the efficiency switches (``--hf-ours-overrides``); train step
-  and inference, median s/iter, ratio HF / ours.
+  ours at full compute vs ours with the efficiency switches (``--hf-ours-overrides``, default: sparse
+  encoder tokens 0.3 + 4 x 4 windows in DINOv2 blocks 0-2, whose cost does not depend on the random
+  weights); train step and inference, median s/iter, ratio HF / ours.
 * ``windowed_vit``: ViT-S-sized random DINOv2 (384-d, 12 blocks, 6 heads) at 896 px, global
   attention vs windows in 8 of 12 blocks: backbone forward time and peak memory
   (:func:`dinodet2.benchmarking.measure_windowed_vit`, each variant in its own process).
 * ``compile``: eager vs ``torch.compile`` train step and inference of the demo config on synthetic
   images (:func:`dinodet2.benchmarking.measure_compile`).
+* ``train_speed``: training step time of the demo config with each training-time mechanism
+  (synthetic batch of 8 at 224 px, after warm-up / compilation).
 * ``training``: training-time mechanisms (sparse encoder tokens, windowed attention,
   ``torch.compile``) against the improved demo recipe with the same budget (``--train-iters``):
   ``tools/train_net.py`` runs one after the other, s/iter (median of ``metrics.json``'s ``time``)
@@ -56,12 +60,18 @@ from dinodet2.benchmarking import (CpuContentionMeter, bbox_metrics, device_name
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 
 DEMO_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_tiny_improved.yaml")
-SECTIONS = ("inference", "hf", "windowed_vit", "compile", "training")
+SECTIONS = ("inference", "hf", "windowed_vit", "compile", "train_speed", "training")
 
 # The recommended inference-time combination (same weights as the full model).
 RECOMMENDED = ["MODEL.DETR.ADAPTIVE_QUERIES.ENABLED", "True", "MODEL.DETR.ADAPTIVE_QUERIES.SCORE_THRESHOLD", "0.05",
                "MODEL.DETR.QUERY_PRUNING.ENABLED", "True", "MODEL.DETR.QUERY_PRUNING.DROP_SCORE", "0.05",
                "MODEL.DETR.QUERY_PRUNING.FREEZE_SCORE", "0.9", "MODEL.DETR.QUERY_PRUNING.FREEZE_BOX_DELTA", "0.01"]
+
+
+# The hf section's switches: their cost does not depend on the weights (random here), unlike the
+# score-driven adaptive queries / pruning, whose effect is measured on the trained demo model.
+HF_SWITCHES = ["MODEL.DETR.SPARSE_ENCODER.ENABLED", "True", "MODEL.DETR.SPARSE_ENCODER.KEEP_RATIO", "0.3",
+               "MODEL.DINOV2.WINDOW_BLOCK_INDEXES", "[0, 1, 2]", "MODEL.DINOV2.NUM_WINDOWS", "4"]
 
 
 def _load_compare_hf():
@@ -75,8 +85,34 @@ def _load_compare_hf():
 # ----------------------------------------------------------------------------------------------
 # inference: one trained model, every inference-time setting
 # ----------------------------------------------------------------------------------------------
+# --preset ablation: a model whose config switches the inference mechanisms on
+# (configs/Demo/detr_shapes_tiny_efficient.yaml), measured against its own full compute.
+FULL_COMPUTE = ["MODEL.DETR.SPARSE_ENCODER.TEST_KEEP_RATIO", "1.0", "MODEL.DETR.ADAPTIVE_QUERIES.ENABLED", "False",
+                "MODEL.DETR.QUERY_PRUNING.ENABLED", "False"]
+
+
+def ablation_variants(args, num_layers: int) -> List[Dict]:
+    """Full compute, then the config's mechanisms added one by one (same weights)."""
+    full = list(FULL_COMPUTE)
+    sparse = ["MODEL.DETR.SPARSE_ENCODER.TEST_KEEP_RATIO", "0.3"]
+    adaptive = ["MODEL.DETR.ADAPTIVE_QUERIES.ENABLED", "True"]
+    pruning = ["MODEL.DETR.QUERY_PRUNING.ENABLED", "True"]
+    v = [dict(name="full compute (dense encoder, top-k queries, every layer)", group="baseline", overrides=full),
+         dict(name="sparse encoder tokens at test (keep 0.3)", group="sparse", overrides=full + sparse),
+         dict(name="adaptive queries (0.05)", group="adaptive", overrides=full + adaptive),
+         dict(name="query pruning (drop 0.05, freeze 0.9 / 0.01)", group="pruning", overrides=full + pruning),
+         dict(name="the config's switches together", group="recommended", overrides=[])]
+    for d in range(1, num_layers):
+        v.append(dict(name=f"the config + decoder depth {d} of {num_layers}", group="depth", value=d,
+                      overrides=["MODEL.DETR.TEST_DEC_LAYERS", str(d)]))
+    if not args.skip_compile:
+        v.append(dict(name="the config + torch.compile (backbone)", group="compile",
+                      overrides=["MODEL.COMPILE.ENABLED", "True"]))
+    return v
+
+
 def inference_variants(args, num_layers: int) -> List[Dict]:
-    """(name, group, overrides) of every inference setting measured."""
+    """(name, group, overrides) of every inference setting measured (``--preset sweep``)."""
     v = [dict(name="full compute", group="baseline", overrides=[])]
     for t in args.adaptive_thresholds:
         v.append(dict(name=f"adaptive queries, threshold {t:g}", group="adaptive", value=t, overrides=[
@@ -165,19 +201,38 @@ def _val_inputs(cfg, count: int) -> List[Dict]:
     return inputs[:count]
 
 
-def _images_per_second(model, inputs: List[Dict], batch_size: int, repeats: int, warmup: int) -> Dict:
-    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)]
+def _batches(inputs: List[Dict], batch_size: int) -> List[List[Dict]]:
+    return [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)]
+
+
+def _time_pass(model, batches: List[List[Dict]]) -> float:
+    """Seconds for one no_grad pass of ``model`` over ``batches``."""
     with torch.no_grad():
-        for b in batches[:warmup]:
+        start = time.perf_counter()
+        for b in batches:
             model(b)
-        times = []
+        return time.perf_counter() - start
+
+
+def time_side_by_side(models: List, inputs: List[Dict], repeats: int, warmup: int) -> List[Dict]:
+    """Images/s of every model at batch 1 and 8, measured round-robin: each round times one pass of
+    every model in turn, so drift of the machine (caches, frequency, other processes) spreads over all
+    of them; the median round counts."""
+    results = [{} for _ in models]
+    for bs in (1, 8):
+        batches = _batches(inputs, bs)
+        for model in models:
+            with torch.no_grad():
+                for b in batches[:warmup]:
+                    model(b)
+        times = [[] for _ in models]
         for _ in range(repeats):
-            start = time.perf_counter()
-            for b in batches:
-                model(b)
-            times.append(time.perf_counter() - start)
-    best = sorted(times)[len(times) // 2]
-    return {"images_per_s": len(batches) * batch_size / best, "seconds": times}
+            for i, model in enumerate(models):
+                times[i].append(_time_pass(model, batches))
+        for i, t in enumerate(times):
+            median = sorted(t)[len(t) // 2]
+            results[i][f"batch{bs}"] = {"images_per_s": len(batches) * bs / median, "seconds": t}
+    return results
 
 
 def _gflops(model, inputs: List[Dict]) -> float:
@@ -191,23 +246,27 @@ def run_inference_section(args) -> Dict:
     cfg0 = load_dinodet2_config(args.config, ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0"] + args.opts)
     inputs = _val_inputs(cfg0, args.timing_images)
     rows = []
-    for variant in inference_variants(args, cfg0.MODEL.DETR.DEC_LAYERS):
+    variants = (ablation_variants if args.preset == "ablation" else inference_variants)(args, cfg0.MODEL.DETR.DEC_LAYERS)
+    rows, models = [], []
+    for variant in variants:  # accuracy, compute, queries and layers of every setting
         cfg = load_dinodet2_config(args.config, ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0"] + args.opts
                                    + variant["overrides"])
         print(f"[efficiency] inference: {variant['name']} ...", file=sys.stderr, flush=True)
         model = _build(cfg, args.weights)
         row = dict(variant)
-        with CpuContentionMeter() as contention:
-            row.update(_evaluate(cfg, model, os.path.join(args.work_dir, "eval")))
-            row["gflops_per_image"] = None if variant["group"] == "compile" or "MODEL.COMPILE.ENABLED" in \
-                variant["overrides"] else _gflops(model, inputs[:args.flops_images])
-            for bs in (1, 8):
-                row[f"batch{bs}"] = _images_per_second(model, inputs, bs, args.repeats, args.warmup)
-        row["other_processes_cpu_cores"] = contention.rounded_other_cores
+        row.update(_evaluate(cfg, model, os.path.join(args.work_dir, "eval")))
+        compiled = "MODEL.COMPILE.ENABLED" in variant["overrides"]
+        row["gflops_per_image"] = None if compiled else _gflops(model, inputs[:args.flops_images])
         rows.append(row)
-        print(f"[efficiency]   AP {row['AP']:.2f}  b1 {row['batch1']['images_per_s']:.1f} img/s  "
-              f"b8 {row['batch8']['images_per_s']:.1f} img/s  queries {row['mean_queries_per_image']:.1f}  "
+        models.append(model)
+        print(f"[efficiency]   AP {row['AP']:.2f}  queries {row['mean_queries_per_image']:.1f}  "
               f"layers {row['mean_decoder_layers']:.2f}", file=sys.stderr, flush=True)
+    print("[efficiency] timing every setting side by side ...", file=sys.stderr, flush=True)
+    with CpuContentionMeter() as contention:
+        speeds = time_side_by_side(models, inputs, args.repeats, args.warmup)
+    for row, speed in zip(rows, speeds):
+        row.update(speed)
+        row["other_processes_cpu_cores"] = contention.rounded_other_cores
     full = rows[0]
     for row in rows:
         row["speedup_batch1"] = row["batch1"]["images_per_s"] / full["batch1"]["images_per_s"]
@@ -255,8 +314,10 @@ def run_hf_section(args) -> Dict:
 def run_windowed_vit_section(args) -> Dict:
     from dinodet2.benchmarking import measure_windowed_vit
 
-    return measure_windowed_vit(image_size=args.vit_image_size, num_windows=args.vit_windows,
-                                iters=args.vit_iters, warmup=args.vit_warmup)
+    return {attention: measure_windowed_vit(image_size=args.vit_image_size, num_windows=args.vit_windows,
+                                            iters=args.vit_iters, warmup=args.vit_warmup,
+                                            attn_implementation=attention)
+            for attention in args.vit_attention}
 
 
 def run_compile_section(args) -> Dict:
@@ -274,10 +335,31 @@ TRAINING_VARIANTS = {
     "improved recipe": [],
     "sparse encoder tokens (keep 0.3)": ["MODEL.DETR.SPARSE_ENCODER.ENABLED", "True",
                                          "MODEL.DETR.SPARSE_ENCODER.KEEP_RATIO", "0.3"],
-    "windowed ViT (2x2 windows, blocks 0-2)": ["MODEL.DINOV2.WINDOW_BLOCK_INDEXES", "[0, 1, 2]",
-                                               "MODEL.DINOV2.NUM_WINDOWS", "2"],
+    "windowed ViT (2 x 2 windows, blocks 0-2)": ["MODEL.DINOV2.WINDOW_BLOCK_INDEXES", "[0, 1, 2]",
+                                                 "MODEL.DINOV2.NUM_WINDOWS", "2"],
     "torch.compile": ["MODEL.COMPILE.ENABLED", "True"],
 }
+
+
+def run_train_speed_section(args) -> Dict:
+    """Training step time of the improved demo config with each training-time mechanism
+    (synthetic batch, :func:`dinodet2.benchmarking.run_benchmark`; compiled: after its compilation)."""
+    from dinodet2.benchmarking import run_benchmark
+
+    rows = []
+    for name, overrides in TRAINING_VARIANTS.items():
+        cfg = load_dinodet2_config(args.config, ["MODEL.DEVICE", "cpu", *overrides, *args.opts])
+        compiled = "MODEL.COMPILE.ENABLED" in overrides
+        print(f"[efficiency] train step: {name} ...", file=sys.stderr, flush=True)
+        r = run_benchmark(cfg, "train", args.train_speed_size, args.train_speed_batch, args.train_speed_iters,
+                          args.compile_warmup if compiled else args.warmup, count_flops=False)
+        rows.append({"name": name, "overrides": overrides, "s_per_iter": r["median_s_per_iter"],
+                     "times_s": r["times_s"], "other_processes_cpu_cores": r.get("other_processes_cpu_cores")})
+        print(f"[efficiency]   {r['median_s_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
+    base = rows[0]["s_per_iter"]
+    for r in rows:
+        r["speedup"] = base / r["s_per_iter"]
+    return {"image_size": args.train_speed_size, "batch_size": args.train_speed_batch, "rows": rows}
 
 
 def run_training_section(args) -> Dict:
@@ -321,6 +403,12 @@ def format_markdown(result: Dict) -> str:
         for label, ratio in hf["hf_over_ours"].items():
             lines.append(f"| HF / ours ({label}) | {_x(ratio['train'])} | {_x(ratio['inference'])} | |")
         lines.append("")
+    ts = result.get("train_speed")
+    if ts:
+        lines += [f"| training step ({ts['image_size']} px, batch {ts['batch_size']}) | s/iter | × |", "|---|---|---|"]
+        for r in ts["rows"]:
+            lines.append(f"| {r['name']} | {r['s_per_iter']:.3f} | {r['speedup']:.2f} |")
+        lines.append("")
     tr = result.get("training")
     if tr:
         lines += [f"| training ({tr['iters']} iterations) | s/iter | AP | AP50 | APs |", "|---|---|---|---|---|"]
@@ -329,6 +417,38 @@ def format_markdown(result: Dict) -> str:
                          f"{_f(r.get('APs'))} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_speed_accuracy(inference: Dict, path: str) -> None:
+    """AP vs images/s (batch 1 and 8) of the threshold sweeps and the depths, one line per mechanism."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, bs in zip(axes, (1, 8)):
+        for group, marker in (("adaptive", "o"), ("pruning", "s"), ("depth", "^"), ("sparse", "v"),
+                              ("recommended", "*"), ("compile", "D"), ("baseline", "X")):
+            rows = [r for r in inference["rows"] if r["group"] == group]
+            if not rows:
+                continue
+            xs = [r[f"batch{bs}"]["images_per_s"] for r in rows]
+            ys = [r["AP"] for r in rows]
+            ax.plot(xs, ys, marker=marker, linestyle="-" if len(rows) > 1 and group != "recommended" else "none",
+                    label=group)
+            for r, x, y in zip(rows, xs, ys):
+                if "value" in r:
+                    ax.annotate(f"{r['value']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel(f"images / s (batch {bs}, CPU)")
+        ax.set_ylabel("COCO AP (shapes_val)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Speed / accuracy of the inference-time switches (same weights; labels: threshold or depth)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _x(v) -> str:
@@ -348,29 +468,40 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="train the demo model into --weights' folder first")
     p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "efficiency"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", choices=("sweep", "ablation"), default="sweep",
+                   help="inference section: sweep = each mechanism's threshold / depth on a model trained without "
+                        "them (the improved demo); ablation = a config with them on (the efficient demo) against its "
+                        "own full compute, mechanisms added one by one")
     p.add_argument("--adaptive-thresholds", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--drop-scores", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--timing-images", type=int, default=48, help="validation images timed (multiple of 8)")
     p.add_argument("--flops-images", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds (every setting once per round)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-compile", action="store_true", help="leave torch.compile out of the inference section")
     p.add_argument("--hf-iters", type=int, default=5)
     p.add_argument("--hf-warmup", type=int, default=2)
-    p.add_argument("--hf-ours-overrides", nargs="*", default=[
-        "MODEL.DETR.SPARSE_ENCODER.ENABLED", "True", "MODEL.DETR.SPARSE_ENCODER.KEEP_RATIO", "0.3",
-        "MODEL.DETR.QUERY_PRUNING.ENABLED", "True"])
+    p.add_argument("--hf-ours-overrides", nargs="*", default=list(HF_SWITCHES),
+                   help="our efficiency switches in the hf section (default: those whose cost does not depend on "
+                        "trained weights, so random weights time them fairly)")
     p.add_argument("--vit-image-size", type=int, default=896)
     p.add_argument("--vit-windows", type=int, default=4)
+    p.add_argument("--vit-attention", nargs="+", default=["sdpa", "eager"],
+                   help="HF attention implementations measured (sdpa: fused, our default; eager: materialised "
+                        "attention matrix)")
     p.add_argument("--vit-iters", type=int, default=3)
     p.add_argument("--vit-warmup", type=int, default=1)
     p.add_argument("--compile-batch-size", type=int, default=2)
     p.add_argument("--compile-iters", type=int, default=5)
     p.add_argument("--compile-warmup", type=int, default=3)
+    p.add_argument("--train-speed-size", type=int, default=224)
+    p.add_argument("--train-speed-batch", type=int, default=8)
+    p.add_argument("--train-speed-iters", type=int, default=5)
     p.add_argument("--train-iters", type=int, default=1000)
     p.add_argument("--training-variants", nargs="+", default=list(TRAINING_VARIANTS),
                    choices=list(TRAINING_VARIANTS))
     p.add_argument("--output", default=None, metavar="JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="AP vs images/s of the inference section")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for the demo model (KEY VALUE ...)")
     return p
 
@@ -395,17 +526,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     result: Dict = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "device_name": device_name("cpu"), "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
     runners = {"inference": run_inference_section, "hf": run_hf_section, "windowed_vit": run_windowed_vit_section,
-               "compile": run_compile_section, "training": run_training_section}
+               "compile": run_compile_section, "train_speed": run_train_speed_section,
+               "training": run_training_section}
     for section in sections:
         result[section] = runners[section](args)
         if args.output:  # keep what is measured so far
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump(result, f, indent=2, default=str)
+    if args.plot and "inference" in result:
+        plot_speed_accuracy(result["inference"], args.plot)
+        print(f"wrote {args.plot}")
     print(format_markdown(result))
     if "windowed_vit" in result:
         from dinodet2.benchmarking import format_windowed_vit
-        print(format_windowed_vit(result["windowed_vit"]))
+        for measured in result["windowed_vit"].values():
+            print(format_windowed_vit(measured))
     if "compile" in result:
         from dinodet2.benchmarking import format_compile_summary
         print(format_compile_summary(result["compile"]))
