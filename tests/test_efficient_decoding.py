@@ -189,11 +189,28 @@ def test_dropped_queries_keep_the_prediction_of_the_layer_they_left_after(tiny_c
     # layer 1 ran on every query: the dropped ones' outputs are exactly the dense layer 1's
     torch.testing.assert_close(out["pred_boxes"][dropped], boxes[0][dropped], rtol=0, atol=0)
     torch.testing.assert_close(out["pred_logits"][dropped], logits[0][dropped], rtol=0, atol=1e-6)
-    # the kept ones ran further layers (fewer self-attention partners, so close to, not equal to, dense)
+    # the kept ones ran further layers
     assert not torch.equal(out["pred_boxes"][~dropped], boxes[0][~dropped])
     stats = model.last_decoding_stats
     assert stats.layers_run >= 2
     assert stats.queries_per_layer[0] == 12 and stats.queries_per_layer[1] <= 12 - int(dropped.sum(1).min())
+
+
+def test_queries_that_left_stay_keys_of_the_self_attention(tiny_cfg):
+    """With 2 layers and queries dropped after the first, the kept ones run layer 2 with every query's
+    layer-1 content as self-attention keys, exactly as in the full decoder: their outputs equal the
+    full decoder's (a decoder that forgot the left queries would differ)."""
+    model = _model(tiny_cfg, **{"MODEL.DETR.DEC_LAYERS": 2})
+    images = _images()
+    logits, boxes = _dense_layers(model, images)
+    scores1 = logits[0].sigmoid().amax(-1)
+    threshold = float(scores1.flatten().median())
+    out = _pruned(model, QueryPruning(drop_score=threshold, freeze_score=1.01), images)
+    kept = scores1 >= threshold
+    assert 0 < int(kept.sum()) < kept.numel() and model.last_decoding_stats.layers_run == 2
+    torch.testing.assert_close(out["pred_boxes"][kept], boxes[1][kept], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["pred_logits"][kept], logits[1][kept], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["pred_boxes"][~kept], boxes[0][~kept])
 
 
 @pytest.mark.parametrize("pruning", [QueryPruning(drop_score=1.0),  # every query dropped after layer 1

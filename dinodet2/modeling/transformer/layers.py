@@ -125,18 +125,25 @@ class TransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt, memory=None, query_pos=None, pos=None, memory_key_padding_mask=None,
                 self_attn_mask=None, reference_points=None, spatial_shapes=None, query_padding_mask=None,
-                projected_memory=None):
+                projected_memory=None, self_attn_keys=None):
         """``self_attn_mask``: ``[Q, Q]`` bool, True where query i may not attend to query j
         (denoising groups); ``query_padding_mask``: ``[B, Q]`` bool, True on padding queries (an
         adaptive query count), which no query attends to; ``reference_points``: per-level
         references for deformable layers; ``projected_memory``: this layer's
-        :meth:`project_memory` output, computed here when not given."""
+        :meth:`project_memory` output, computed here when not given; ``self_attn_keys``: the
+        queries' self-attention attends to these ``(content, pos, padding)`` ``[B, K, *]`` instead
+        of to the queries themselves (progressive decoding: queries that left stay keys)."""
         if projected_memory is None:
             projected_memory = self.project_memory(memory, pos, memory_key_padding_mask)
 
         def self_attn(x):
             q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask,
+            v, padding = x, query_padding_mask
+            if self_attn_keys is not None:
+                v, key_pos, padding = self_attn_keys
+                v = self.norms[0](v) if self.normalize_before else v  # x arrives normed in pre-norm
+                k = _with_pos(v, key_pos)
+            return self.self_attn(q, k, v, attn_mask=self_attn_mask, key_padding_mask=padding,
                                   need_weights=False)[0]
 
         def cross_attn(x):

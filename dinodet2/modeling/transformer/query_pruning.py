@@ -10,7 +10,9 @@ model's own class head) and:
   and settled, and its prediction is final.
 
 Dropped and frozen queries keep their last state and box, so the model's output has every query
-and post-processing is unchanged. The active queries of every image are packed to the front and
+and post-processing is unchanged; they also stay keys (not queries) of the later layers'
+self-attention, with the content they left with, because DETR's self-attention is where queries
+suppress each other's duplicates. The active queries of every image are packed to the front and
 the batch is cut to the largest active count (a padding mask covers the rest), so later layers
 really run on fewer queries; the decoder stops when no query is active. Pruning starts after
 layer ``start_layer`` (1-based) and never applies in training.
@@ -102,17 +104,37 @@ class ActiveQueries:
             else ~padding
         self.final_state = content.new_zeros(batch, num_queries, dim)
         self.final_box = content.new_zeros(batch, num_queries, 4)
+        # every query's content and positional query as a self-attention key of the later layers
+        self.key_content = content.new_zeros(batch, num_queries, dim)
+        self.key_pos = content.new_zeros(batch, num_queries, dim)
+        self.key_padding = padding
+        self.packed = False  # whether a query has left (from then on the keys are kept apart)
 
     @property
     def padding(self) -> Optional[torch.Tensor]:
         return None if bool(self.valid.all()) else ~self.valid
 
+    def _write(self, pairs) -> None:
+        """Scatter ``[B, slots, *]`` values of the real slots into ``[B, Q, *]`` per-query buffers."""
+        for buffer, value in pairs:
+            index = self.index[..., None].expand(-1, -1, value.shape[-1])
+            kept = torch.where(self.valid[..., None], value.to(buffer.dtype), buffer.gather(1, index))
+            buffer.scatter_(1, index, kept)
+
     def record(self, state: torch.Tensor, box: torch.Tensor) -> None:
         """Store the real slots' current predictions as their queries' last ones."""
-        for final, value in ((self.final_state, state), (self.final_box, box)):
-            index = self.index[..., None].expand(-1, -1, value.shape[-1])
-            kept = torch.where(self.valid[..., None], value.to(final.dtype), final.gather(1, index))
-            final.scatter_(1, index, kept)
+        self._write(((self.final_state, state), (self.final_box, box)))
+
+    def record_keys(self, content: torch.Tensor, query_pos: torch.Tensor) -> None:
+        """Store the real slots' content and positional query as their self-attention keys."""
+        self._write(((self.key_content, content), (self.key_pos, query_pos)))
+
+    def self_attention_keys(self, content: torch.Tensor, query_pos: torch.Tensor):
+        """The keys of a layer after queries left: every (non-padding) query, the active ones with
+        their current content, the others with what they left with. DETR's self-attention is where
+        queries suppress each other's duplicates, so a query that is final still takes part."""
+        self.record_keys(content, query_pos)
+        return self.key_content, self.key_pos, self.key_padding
 
     def keep(self, still_active: torch.Tensor, *tensors: Optional[torch.Tensor]
              ) -> Tuple[bool, Tuple[Optional[torch.Tensor], ...]]:
@@ -135,4 +157,5 @@ class ActiveQueries:
 
         self.index = self.index.gather(1, order)
         self.valid = active.gather(1, order)
+        self.packed = True
         return True, tuple(take(t) for t in tensors)

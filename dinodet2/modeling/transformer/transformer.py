@@ -208,16 +208,18 @@ class DetrDecoder(nn.Module):
         return num_layers
 
     def _layer(self, index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, attn_mask,
-               query_padding):
+               query_padding, keys_of=None):
         """One decoder layer: new content, its normed state, its box, the next reference and base.
         ``fixed_pos``: the positional queries of query kinds without reference boxes (the same in
-        every layer), else None (generated from the reference)."""
+        every layer), else None (generated from the reference). ``keys_of(content, query_pos)``: the
+        self-attention keys of progressive decoding (None: the queries themselves)."""
         batch, num_queries = content.shape[:2]
         query_pos = fixed_pos if fixed_pos is not None else queries.position(reference, batch, num_queries)
         level_refs = to_level_coordinates(reference, tokens.ratios) if self.deformable else None
         content = layer(content, query_pos=query_pos, self_attn_mask=attn_mask, reference_points=level_refs,
                         spatial_shapes=tokens.spatial_shapes, query_padding_mask=query_padding,
-                        projected_memory=cache.projected(index, layer))
+                        projected_memory=cache.projected(index, layer),
+                        self_attn_keys=keys_of(content, query_pos) if keys_of is not None else None)
         state = self.norm(content)
         delta = self.box_head(state)
         base = previous if self.look_forward_twice else reference
@@ -239,12 +241,16 @@ class DetrDecoder(nn.Module):
             batch = content.shape[0]
             stats.queries_per_layer.append(active.valid.sum().item() / batch)
             content, state, box, reference, previous = self._layer(
-                index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, None, active.padding)
+                index, layer, tokens, cache, queries, fixed_pos, content, reference, previous, None, active.padding,
+                active.self_attention_keys if active.packed else None)
             active.record(state, box)
             if index + 1 == len(layers) or not pruning.applies_after(index + 1):
                 last_box = box
                 continue
             leaving = pruning.leaving(score_head(state), box, last_box)
+            # what every query would enter the next layer with: the keys of the ones that leave now
+            next_pos = fixed_pos if fixed_pos is not None else queries.position(reference, batch, content.shape[1])
+            active.record_keys(content, next_pos)
             any_left, (content, reference, previous, last_box, fixed_pos) = active.keep(
                 ~leaving, content, reference, previous, box, fixed_pos)
             if not any_left:
