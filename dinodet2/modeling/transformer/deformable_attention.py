@@ -184,6 +184,4 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns:
             ``[B, Q, C]``.
         """
-        if spatial_shapes.shape[0] != self.num_levels:
-            raise ValueError(f"expected {self.num_levels} levels, got {spatial_shapes.shape[0]}")
         return self.attend(query, reference_points, self.project_value(value, value_padding_mask), spatial_shapes)
