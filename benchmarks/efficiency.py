@@ -105,6 +105,9 @@ def ablation_variants(args, num_layers: int) -> List[Dict]:
     for d in range(1, num_layers):
         v.append(dict(name=f"the config + decoder depth {d} of {num_layers}", group="depth", value=d,
                       overrides=["MODEL.DETR.TEST_DEC_LAYERS", str(d)]))
+    # how fast the switches can make this model at all, accuracy aside: the bound on their speed-up
+    v.append(dict(name="ceiling: encoder keep 0.05 + decoder depth 1 (accuracy not kept)", group="ceiling",
+                  overrides=["MODEL.DETR.SPARSE_ENCODER.TEST_KEEP_RATIO", "0.05", "MODEL.DETR.TEST_DEC_LAYERS", "1"]))
     if not args.skip_compile:
         v.append(dict(name="the config + torch.compile (backbone)", group="compile",
                       overrides=["MODEL.COMPILE.ENABLED", "True"]))
@@ -242,6 +245,40 @@ def _gflops(model, inputs: List[Dict]) -> float:
     return sum(count_gflops_per_image(lambda: model([x]), model) for x in inputs) / len(inputs)
 
 
+# The model's stages whose FLOPs are reported apart (module paths in DETR); "other" is the rest
+# (input projection, position encodings, two-stage proposal heads, class heads, post-processing).
+FLOP_STAGES = {"backbone": "backbone", "encoder": "transformer.encoder", "decoder": "transformer.decoder"}
+
+
+def stage_gflops(model, batches: List[List[Dict]]) -> Dict[str, float]:
+    """Mean GFLOPs per image of every stage in :data:`FLOP_STAGES` and ``other`` / ``total``, over
+    ``batches`` (FlopCounterMode, per module). At batch > 1 images are padded to the largest one,
+    and what runs on padding counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    sums, images = dict.fromkeys(list(FLOP_STAGES) + ["total"], 0.0), 0
+    prefix = type(model).__name__ + "."
+    try:
+        for batch in batches:
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                model(batch)
+            counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+            for stage, path in FLOP_STAGES.items():
+                sums[stage] += counts.get(prefix + path, 0)
+            sums["total"] += counter.get_total_flops()
+            images += len(batch)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    out = {k: v / 1e9 / max(images, 1) for k, v in sums.items()}
+    out["other"] = out["total"] - sum(out[k] for k in FLOP_STAGES)
+    return out
+
+
 def run_inference_section(args) -> Dict:
     cfg0 = load_dinodet2_config(args.config, ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0"] + args.opts)
     inputs = _val_inputs(cfg0, args.timing_images)
@@ -257,6 +294,9 @@ def run_inference_section(args) -> Dict:
         row.update(_evaluate(cfg, model, os.path.join(args.work_dir, "eval")))
         compiled = "MODEL.COMPILE.ENABLED" in variant["overrides"]
         row["gflops_per_image"] = None if compiled else _gflops(model, inputs[:args.flops_images])
+        if not compiled and variant["group"] in ("baseline", "recommended", "ceiling"):
+            # where the compute is, without and with the mechanisms, at both timed batch sizes
+            row["gflops_by_stage"] = {f"batch{bs}": stage_gflops(model, _batches(inputs, bs)) for bs in (1, 8)}
         rows.append(row)
         models.append(model)
         print(f"[efficiency]   AP {row['AP']:.2f}  queries {row['mean_queries_per_image']:.1f}  "
@@ -393,6 +433,16 @@ def format_markdown(result: Dict) -> str:
                          f"{r['speedup_batch1']:.2f} | {r['speedup_batch8']:.2f} | {r['mean_queries_per_image']:.1f} | "
                          f"{r['mean_decoder_layers']:.2f} | {r['mean_query_layers_per_image']:.1f} |")
         lines.append("")
+        staged = [r for r in inf["rows"] if r.get("gflops_by_stage")]
+        if staged:
+            stages = list(FLOP_STAGES) + ["other", "total"]
+            lines += ["GFLOPs per image by stage (every timed image; at batch 8 padding counts):", "",
+                      "| setting | batch | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+            for r in staged:
+                for key, by_stage in r["gflops_by_stage"].items():
+                    lines.append(f"| {r['name']} | {key[5:]} | " + " | ".join(f"{by_stage[k]:.3f}" for k in stages)
+                                 + " |")
+            lines.append("")
     hf = result.get("hf")
     if hf:
         lines += ["| model | train s/iter | inference s/iter | GFLOPs/img |", "|---|---|---|---|"]

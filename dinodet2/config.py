@@ -266,6 +266,32 @@ def add_dinodet2_config(cfg):
     _C.MODEL.COMPILE.MODULES = ["backbone"]
 
     # ----------------------------------------------------------------------------------------
+    # Token feature alignment (dinodet2.modeling.training_signals.token_alignment); off by default
+    # ----------------------------------------------------------------------------------------
+    # A training-only loss "loss_token_align": one level of the detector's tokens, through a linear
+    # projector, is pulled towards the patch tokens a frozen DINOv2 gives the same image. The frozen
+    # model: the detector's own ViT with its LoRA adapters switched off (LoRA on frozen weights), a
+    # frozen copy of the ViT as built (when the ViT trains), or TEACHER. Neither it nor the projector
+    # is in merged / exported weights; the frozen model is never in a checkpoint.
+    _C.MODEL.TOKEN_ALIGNMENT = CN()
+    _C.MODEL.TOKEN_ALIGNMENT.ENABLED = False
+    # "encoder": the encoder's output tokens; "neck": the tokens the encoder reads (pyramid level
+    # after the input projection).
+    _C.MODEL.TOKEN_ALIGNMENT.SOURCE = "encoder"
+    # Index of the transformer level to align (in MODEL.DETR.IN_FEATURES order, finest first by
+    # default); -1: the level whose stride is nearest to the DINOv2 patch size (stride 14).
+    _C.MODEL.TOKEN_ALIGNMENT.LEVEL = -1
+    # A DINOv2 to align to instead of the backbone's own pretrained one: Hub id or local
+    # save_pretrained directory (e.g. a larger DINOv2; the projector maps to its width). "": the own.
+    _C.MODEL.TOKEN_ALIGNMENT.TEACHER = ""
+    # Block of the frozen DINOv2 whose tokens (after its final LayerNorm) are the target; negative
+    # from the end. For the own ViT: among the blocks the backbone keeps (up to its last OUT_INDICES).
+    _C.MODEL.TOKEN_ALIGNMENT.TEACHER_BLOCK = -1
+    # "cosine": 1 - cosine similarity per token (RT-DETRv4); "mse": squared error per channel.
+    _C.MODEL.TOKEN_ALIGNMENT.LOSS = "cosine"
+    _C.MODEL.TOKEN_ALIGNMENT.WEIGHT = 1.0
+
+    # ----------------------------------------------------------------------------------------
     # Single-image training augmentations (dinodet2.data.augmentations); all off by default
     # ----------------------------------------------------------------------------------------
     _C.INPUT.AUG = CN()

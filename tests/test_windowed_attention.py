@@ -271,3 +271,21 @@ def test_measure_windowed_vit_on_a_tiny_vit():
         assert result[name]["median_s"] > 0 and result[name]["peak_forward_mib"] >= 0
     assert result["speedup"] > 0
     assert "speedup (global / windowed)" in format_windowed_vit(result)
+    assert "tensor peak windowed / global" in format_windowed_vit(result)
+
+
+def test_windowed_blocks_lower_the_training_tensor_peak_of_materialised_attention():
+    """With eager attention each global block keeps its token x token attention matrix for backward;
+    windowed blocks keep only the per-window matrices, so the training step's tensor peak drops,
+    while an inference forward (the last block is global in both) does not."""
+    from dinodet2.benchmarking import measure_windowed_vit
+
+    result = measure_windowed_vit(image_size=224, hidden=32, layers=4, heads=2, windowed_blocks=(0, 1, 2),
+                                  num_windows=4, iters=1, warmup=0, threads=1, attn_implementation="eager")
+    g, w = result["global"]["tensor_peak"], result["windowed"]["tensor_peak"]
+    if g["training_mib"] is None:
+        pytest.skip("torch.distributed._tools.mem_tracker is not available in this torch build")
+    # 16x16 patches: a global matrix is 2 x 257^2 floats per block; windows: 16 x 2 x 17^2
+    assert w["training_mib"] < 0.8 * g["training_mib"]
+    assert result["tensor_memory_ratio"]["training_mib"] == pytest.approx(w["training_mib"] / g["training_mib"])
+    assert w["inference_mib"] == pytest.approx(g["inference_mib"], rel=0.25)

@@ -31,6 +31,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
+from dinodet2.engine.atomic_file import write_atomically  # noqa: E402
 from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
 
 
@@ -66,10 +67,13 @@ def merge(cfg, weights, output_dir, image_size=224, iters=5):
 
     os.makedirs(output_dir, exist_ok=True)
     weights_out = os.path.join(output_dir, "model_merged.pth")
-    torch.save({"model": model.state_dict()}, weights_out)
+    # training-only parts (e.g. the token-alignment projector) are left out of the merged model
+    state = model.inference_state_dict() if hasattr(model, "inference_state_dict") else model.state_dict()
+    write_atomically(weights_out, lambda f: torch.save({"model": state}, f))  # never a half-written file
     merged_cfg = copy.deepcopy(cfg)
     merged_cfg.defrost()
     merged_cfg.MODEL.LORA.ENABLED = False
+    merged_cfg.MODEL.TOKEN_ALIGNMENT.ENABLED = False
     merged_cfg.MODEL.WEIGHTS = os.path.abspath(weights_out)
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(merged_cfg.dump())

@@ -25,7 +25,8 @@ PATCH_SIZE = 14
 def measure_windowed_vit(image_size: int = 896, hidden: int = 384, layers: int = 12, heads: int = 6,
                          windowed_blocks: Sequence[int] = VITDET_WINDOWED_BLOCKS, num_windows: int = 4,
                          batch: int = 1, iters: int = 5, warmup: int = 2, threads: Optional[int] = None,
-                         device: str = "cpu", attn_implementation: str = "sdpa") -> Dict:
+                         device: str = "cpu", attn_implementation: str = "sdpa",
+                         training_memory: bool = True) -> Dict:
     """Time a ``Dinov2Backbone`` forward (eval, ``no_grad``, last block's map, fp32) on a random
     ``batch x 3 x image_size x image_size`` input, with global attention everywhere and with
     ``windowed_blocks`` attending in ``num_windows x num_windows`` windows; same random weights.
@@ -51,12 +52,21 @@ def measure_windowed_vit(image_size: int = 896, hidden: int = 384, layers: int =
     (two global-attention runs of the default ViT-S at 896 measured 185 and 136 MiB): read small
     ratios as "no difference".
 
+    The RSS numbers hold allocator slack; ``tensor_peak`` holds exact, repeatable numbers: the peak bytes
+    of live tensors other than the parameters (activations, temporaries, gradients), counted by PyTorch's
+    ``MemTracker`` over one inference forward (``no_grad``) and one training step (``train()``, forward
+    and backward of the mean of the output), ``{"inference_mib": ..., "training_mib": ...}`` (None
+    where the tracker is unavailable); ``tensor_memory_ratio`` is windowed / global of each.
+    ``training_memory=False`` skips the training step (with eager attention and global blocks it holds
+    every block's attention matrix: about 6.7 GB for the default ViT-S at 896).
+
     ``attn_implementation`` is HF's attention kernel for the ViT: ``sdpa`` (default, PyTorch's fused
     attention; on CPU and GPU it does not materialise the token x token matrix) or ``eager`` (softmax
     of an explicit matrix, memory quadratic in the tokens per window).
     """
     base = dict(image_size=image_size, hidden=hidden, layers=layers, heads=heads, batch=batch, iters=iters,
-                warmup=warmup, threads=threads, device=device, attn_implementation=attn_implementation)
+                warmup=warmup, threads=threads, device=device, attn_implementation=attn_implementation,
+                training_memory=training_memory)
     grid = image_size // PATCH_SIZE
     if image_size % (PATCH_SIZE * num_windows):
         raise ValueError(f"image_size {image_size} must be a multiple of {PATCH_SIZE * num_windows} "
@@ -73,6 +83,8 @@ def measure_windowed_vit(image_size: int = 896, hidden: int = 384, layers: int =
         "speedup": g["median_s"] / w["median_s"],
         "memory_ratio": (w["peak_forward_mib"] / g["peak_forward_mib"]) if g["peak_forward_mib"] > 0 else None,
         "memory_method": g["memory_method"],
+        "tensor_memory_ratio": {k: (w["tensor_peak"][k] / g["tensor_peak"][k]) if g["tensor_peak"].get(k) else None
+                                for k in ("inference_mib", "training_mib")},
     }
 
 
@@ -86,20 +98,50 @@ def format_windowed_vit(result: Dict) -> str:
         f"median of {c['iters']} (warm-up {c['warmup']})",
         "",
         "| attention | windowed blocks | s / forward (median) | min / max | peak forward memory (MiB) | "
-        "peak total (MiB) |",
-        "|---|---|---|---|---|---|",
+        "peak total (MiB) | tensor peak, inference (MiB) | tensor peak, training step (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("global", "windowed"):
         r = result[name]
         blocks = (f"{c['windowed_blocks']} in {c['num_windows']}x{c['num_windows']} windows "
                   f"({c['tokens_per_window']} patches each)" if name == "windowed" else "none")
         lines.append(f"| {name} | {blocks} | {r['median_s']:.3f} | {r['min_s']:.3f} / {r['max_s']:.3f} | "
-                     f"{r['peak_forward_mib']:.1f} | {r['peak_total_mib']:.1f} |")
+                     f"{r['peak_forward_mib']:.1f} | {r['peak_total_mib']:.1f} | "
+                     f"{_mib(r['tensor_peak']['inference_mib'])} | {_mib(r['tensor_peak']['training_mib'])} |")
     ratio = result["memory_ratio"]
     lines += ["", f"speedup (global / windowed): {result['speedup']:.2f}x; peak forward memory windowed / global: "
               + (f"{ratio:.2f}" if ratio is not None else "n/a") + f" ({result['memory_method']})"]
+    tensor = result["tensor_memory_ratio"]
+    lines += ["tensor peak windowed / global (activations, temporaries and gradients; PyTorch's MemTracker): "
+              f"inference {_ratio(tensor['inference_mib'])}, training step {_ratio(tensor['training_mib'])}"]
     lines += [r["contention_warning"] for r in (result["global"], result["windowed"]) if r.get("contention_warning")]
     return "\n".join(lines)
+
+
+def _mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def tensor_peak_mib(step, module) -> Optional[float]:
+    """Peak MiB of live tensors other than ``module``'s parameters and buffers while ``step()`` runs
+    (activations, temporaries, gradients), from PyTorch's ``MemTracker``; None if it is unavailable."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except Exception:  # a torch build without torch.distributed
+        return None
+    tracker = MemTracker()
+    tracker.track_external(module)
+    with tracker:
+        step()
+    peak = 0
+    for by_kind in tracker.get_tracker_snapshot("peak").values():
+        peak += sum(v for k, v in by_kind.items() if k != "Total" and getattr(k, "value", k) not in
+                    ("Parameter", "Buffer"))
+    return peak / 2 ** 20
 
 
 def _run_in_subprocess(spec: Dict) -> Dict:
@@ -178,7 +220,20 @@ def _worker(spec_json: str) -> None:
         peak = _proc_status_kib("VmHWM") / 1024
     else:
         peak = _maxrss_kib() / 1024
+    def inference_step():
+        with torch.no_grad():
+            backbone(x)
+
+    def training_step():
+        backbone.train()
+        out = backbone(x)
+        sum(v.float().mean() for v in out.values()).backward()
+        backbone.eval()
+
+    tensor_peak = {"inference_mib": tensor_peak_mib(inference_step, backbone),
+                   "training_mib": tensor_peak_mib(training_step, backbone) if s["training_memory"] else None}
     record = {
+        "tensor_peak": tensor_peak,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times,
         "peak_forward_mib": max(0.0, peak - before), "peak_total_mib": peak, "memory_method": method,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "device_name": device_name(device),

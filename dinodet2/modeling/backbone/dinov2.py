@@ -207,6 +207,15 @@ class Dinov2Backbone(Backbone):
         return pos
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.features(x, self.out_indices)
+
+    def features(self, x: torch.Tensor, out_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """``{"layer{i}": [B, C, h, w]}`` for the (0-based, kept) blocks ``out_indices``; ``forward``
+        returns those of ``MODEL.DINOV2.OUT_INDICES``. Blocks after the last index do not run."""
+        depth = len(self.vit.encoder.layer)
+        if any(not 0 <= i < depth for i in out_indices):
+            raise ValueError(f"block indices {list(out_indices)} are outside the {depth} blocks this backbone keeps")
+        last = max(out_indices)
         batch, _, height, width = x.shape
         p = self.patch_size
         if height % p or width % p:
@@ -229,7 +238,7 @@ class Dinov2Backbone(Backbone):
 
         prefix = 1 + self.num_register_tokens
         outputs = {}
-        for i, block in enumerate(self.vit.encoder.layer):
+        for i, block in enumerate(self.vit.encoder.layer[:last + 1]):
             windowed = i in self.window_blocks
             if windowed:  # the unchanged HF block runs on [B * n*n, prefix + window tokens, C]
                 hidden = partition_windows(hidden, prefix, (h, w), self.num_windows)
@@ -238,7 +247,7 @@ class Dinov2Backbone(Backbone):
                 hidden = hidden[0]
             if windowed:
                 hidden = merge_windows(hidden, prefix, (h, w), self.num_windows)
-            if i in self.out_indices:
+            if i in out_indices:
                 out = self.vit.layernorm(hidden) if self.apply_layernorm else hidden
                 out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
                 outputs[f"layer{i}"] = out.contiguous()

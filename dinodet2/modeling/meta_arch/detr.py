@@ -16,6 +16,7 @@ from ..classification import Classification, classification_from_config
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
 from ..transformer import DetrTransformer, MultiLevelTokens, PositionEmbeddingSine
+from ..training_signals import SignalInputs, build_training_signals
 from ..transformer.query_pruning import DecodingStats, QueryPruning
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class DETR(nn.Module):
         denoising: Optional[DenoisingGenerator] = None,
         pruning: Optional[QueryPruning] = None,
         test_decoder_layers: int = 0,
+        training_signals: Optional[nn.ModuleDict] = None,
     ):
         super().__init__()
         shapes = backbone.output_shape()
@@ -111,6 +113,8 @@ class DETR(nn.Module):
         self.class_embed = classification.head(hidden)
         self.pruning = pruning
         self.test_decoder_layers = transformer.decoder.check_depth(test_decoder_layers)
+        #: auxiliary training-only losses (dinodet2.modeling.training_signals); not run in inference
+        self.training_signals = training_signals if training_signals is not None else nn.ModuleDict()
         #: what the decoder ran on the last batch (queries per layer, layers run)
         self.last_decoding_stats: Optional[DecodingStats] = None
 
@@ -123,7 +127,9 @@ class DETR(nn.Module):
         _check_pixel_statistics(cfg)
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         classification = classification_from_config(cfg)
-        num_levels = len(c.IN_FEATURES) or len(backbone.output_shape())
+        shapes = backbone.output_shape()
+        in_features = list(c.IN_FEATURES) or sorted(shapes, key=lambda f: shapes[f].stride)
+        num_levels = len(in_features)
         return {
             "backbone": backbone,
             "transformer": DetrTransformer.from_config(cfg, classification, num_levels),
@@ -137,7 +143,17 @@ class DETR(nn.Module):
             "denoising": DenoisingGenerator.from_config(cfg),
             "pruning": QueryPruning.from_config(cfg),
             "test_decoder_layers": c.TEST_DEC_LAYERS,
+            "training_signals": build_training_signals(
+                cfg, backbone, [shapes[f].stride for f in in_features if f in shapes]),
         }
+
+    #: state-dict prefixes of parts that exist for training only
+    TRAINING_ONLY_PREFIXES = ("training_signals.",)
+
+    def inference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``state_dict()`` without the training-only parts (:data:`TRAINING_ONLY_PREFIXES`): what a
+        merged or exported model keeps."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.TRAINING_ONLY_PREFIXES)}
 
     def no_weight_decay(self):
         return {"level_embed"} if self.level_embed is not None else set()
@@ -230,11 +246,17 @@ class DETR(nn.Module):
         eval mode the decoder runs ``test_decoder_layers`` layers, progressively with ``pruning``;
         ``"query_padding"`` marks padding queries of an adaptive query count.
         """
+        return self._run_transformer(images, mask, denoising)[0]
+
+    def _run_transformer(self, images: ImageList, mask: torch.Tensor,
+                         denoising: Optional[DenoisingQueries] = None) -> Tuple[Dict, MultiLevelTokens, torch.Tensor]:
+        """:meth:`forward_transformer`'s outputs, the tokens the transformer read and its encoder output."""
         decoding = {}
         if not self.training:
             decoding = dict(num_layers=self.test_decoder_layers, pruning=self.pruning,
                             score_head=self.detection_scores if self.pruning is not None else None)
-        out = self.transformer(self.tokens(images, mask), denoising, self._num_active_queries, **decoding)
+        tokens = self.tokens(images, mask)
+        out = self.transformer(tokens, denoising, self._num_active_queries, **decoding)
         self.last_decoding_stats = out.stats
         logits = self.class_embed(out.states)
         num_dn = denoising.num_queries if denoising is not None else 0
@@ -246,7 +268,7 @@ class DETR(nn.Module):
         if denoising is not None:
             outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], out.boxes[:, :, :num_dn])
             outputs["dn_outputs"].update(indices=denoising.match_indices(), num_groups=denoising.num_groups)
-        return outputs
+        return outputs, tokens, out.memory
 
     def detection_scores(self, states: torch.Tensor) -> torch.Tensor:
         """``[B, Q]`` best class probability of decoder states (what query pruning reads)."""
@@ -275,9 +297,13 @@ class DETR(nn.Module):
                              "with annotations).")
         targets = self.prepare_targets(batched_inputs, images)
         denoising = self.denoising(targets) if self.denoising is not None else None
-        outputs = self.forward_transformer(images, mask, denoising)
+        outputs, tokens, memory = self._run_transformer(images, mask, denoising)
         outputs.update(self.transformer.encoder.pop_outputs())  # sparse encoder: "token_scores"
         losses = self.criterion(outputs, targets)
+        if len(self.training_signals):
+            inputs = SignalInputs(images, tokens, memory, outputs, targets)
+            for signal in self.training_signals.values():
+                losses.update(signal(inputs))
         if hasattr(self.backbone, "extra_losses"):
             losses.update(self.backbone.extra_losses())
         if self.denoising is not None and denoising is None:

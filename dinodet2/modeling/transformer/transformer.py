@@ -317,7 +317,7 @@ class DetrTransformer(nn.Module):
         states, boxes, stats = self.decoder(tokens, memory, self.queries, content, reference, attn_mask,
                                             query_padding=init.padding, num_layers=num_layers, pruning=pruning,
                                             score_head=score_head)
-        return TransformerOutput(states, boxes, init.proposals, init.padding, stats)
+        return TransformerOutput(states, boxes, init.proposals, init.padding, stats, memory)
 
 
 @dataclass
@@ -332,6 +332,7 @@ class TransformerOutput:
         proposals: the two-stage token proposals (``pred_logits``, ``pred_boxes``) or None.
         query_padding: ``[B, Q]`` True on padding matching queries (adaptive query count), or None.
         stats: queries and layers the decoder ran (:class:`~.query_pruning.DecodingStats`).
+        memory: the encoder's output tokens ``[B, N, C]`` (what the decoder attended to).
     """
 
     states: torch.Tensor
@@ -339,3 +340,4 @@ class TransformerOutput:
     proposals: Optional[Dict[str, torch.Tensor]]
     query_padding: Optional[torch.Tensor]
     stats: DecodingStats
+    memory: Optional[torch.Tensor] = None
