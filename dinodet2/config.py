@@ -10,7 +10,8 @@ Keys are grouped by the component they configure:
 * ``MODEL.COMPILE`` -- torch.compile of the backbone / transformer
 * ``INPUT.AUG``     -- single- and multi-image training augmentations
 * ``CURRICULUM``    -- easy-to-hard sampling, query ramp-up, staged matching
-* ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options, non-finite steps
+* ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options, non-finite steps,
+                      mixed precision, gradient accumulation, EMA of the weights
 """
 from detectron2.config import CfgNode as CN
 
@@ -292,6 +293,42 @@ def add_dinodet2_config(cfg):
     _C.MODEL.TOKEN_ALIGNMENT.WEIGHT = 1.0
 
     # ----------------------------------------------------------------------------------------
+    # Knowledge distillation from a larger model (dinodet2.modeling.training_signals); off by default
+    # ----------------------------------------------------------------------------------------
+    # A frozen teacher (any dinodet2 model: its own config file + trained weights, e.g. a larger DINOv2
+    # and / or more decoder layers) runs in the same step without gradients; never in a checkpoint.
+    _C.MODEL.DISTILL = CN()
+    _C.MODEL.DISTILL.ENABLED = False
+    _C.MODEL.DISTILL.TEACHER_CONFIG = ""
+    _C.MODEL.DISTILL.TEACHER_WEIGHTS = ""
+    # KEY VALUE overrides for the teacher's config (e.g. ["MODEL.DINOV2.NAME", "/path/to/dinov2-large"]).
+    _C.MODEL.DISTILL.TEACHER_OPTS = []
+    # Every distillation loss ramps linearly from 0 to its weight over these iterations (0: none).
+    _C.MODEL.DISTILL.WARMUP_ITERS = 0
+    # Feature level ("loss_distill_feature"): every level's tokens, projected to the teacher's width,
+    # pulled to the teacher's tokens of that level (same strides needed). 0 switches it off.
+    _C.MODEL.DISTILL.FEATURE_WEIGHT = 1.0
+    # "encoder" (encoder outputs) or "neck" (the tokens the encoder reads), in both models.
+    _C.MODEL.DISTILL.FEATURE_SOURCE = "encoder"
+    # "mse" (squared error per channel) or "cosine" (1 - cosine similarity) per token.
+    _C.MODEL.DISTILL.FEATURE_LOSS = "mse"
+    # Weight of tokens whose centre lies inside a ground-truth box (the others: 1; 1 = uniform).
+    _C.MODEL.DISTILL.FEATURE_FOREGROUND_WEIGHT = 1.0
+    # Prediction level: the teacher's final predictions matched one to one to the student's queries
+    # (Hungarian, DETRDistill-style); "loss_distill_class" (BCE to the teacher's probabilities, or
+    # T^2 KL for softmax heads), "loss_distill_bbox" (L1), "loss_distill_giou"; each pair weighted by
+    # the teacher's detection score. The weights also weigh the matching costs.
+    _C.MODEL.DISTILL.PREDICTION = CN()
+    _C.MODEL.DISTILL.PREDICTION.ENABLED = True
+    _C.MODEL.DISTILL.PREDICTION.CLASS_WEIGHT = 1.0
+    _C.MODEL.DISTILL.PREDICTION.BOX_WEIGHT = 5.0
+    _C.MODEL.DISTILL.PREDICTION.GIOU_WEIGHT = 2.0
+    # Softmax heads (MODEL.DETR.CLASS_LOSS "ce"): distillation temperature.
+    _C.MODEL.DISTILL.PREDICTION.TEMPERATURE = 1.0
+    # Distil only the teacher's TOP_K best-scoring queries per image (0: all of them).
+    _C.MODEL.DISTILL.PREDICTION.TOP_K = 0
+
+    # ----------------------------------------------------------------------------------------
     # Single-image training augmentations (dinodet2.data.augmentations); all off by default
     # ----------------------------------------------------------------------------------------
     _C.INPUT.AUG = CN()
@@ -424,6 +461,28 @@ def add_dinodet2_config(cfg):
     _C.SOLVER.NONFINITE = CN()
     _C.SOLVER.NONFINITE.POLICY = "stop"
     _C.SOLVER.NONFINITE.MAX_CONSECUTIVE_SKIPS = 10
+    # Exponential moving average of the weights (dinodet2.engine.ema); off by default. Averaged: the
+    # trainable parameters and the buffers (float32), updated after every optimizer step with decay
+    # DECAY * (1 - exp(-k / TAU)) at the k-th update (TAU 0: DECAY throughout). Checkpoints carry it
+    # ("ema"), so --resume continues it exactly.
+    _C.SOLVER.EMA = CN()
+    _C.SOLVER.EMA.ENABLED = False
+    _C.SOLVER.EMA.DECAY = 0.9997
+    _C.SOLVER.EMA.TAU = 2000.0
+    # Evaluate (TEST.EVAL_PERIOD and after training) with the EMA weights swapped in.
+    _C.SOLVER.EMA.EVAL_WITH_EMA = True
+    # What a checkpoint's "model" holds: "ema" (the averaged weights: --eval-only, MODEL.WEIGHTS and the
+    # tools use them; the live weights are kept under "training_weights" for --resume) or "live".
+    _C.SOLVER.EMA.CHECKPOINT_MODEL = "ema"
+    # Autocast dtype with SOLVER.AMP.ENABLED: "float16" (CUDA, with a GradScaler; Detectron2's AMPTrainer)
+    # or "bfloat16" (CUDA or CPU, no GradScaler). Matching, losses and deformable sampling stay fp32.
+    # (Detectron2 versions that define the key keep their default.)
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "float16"
+    # Micro-batches per optimizer step (1: none). SOLVER.IMS_PER_BATCH stays the batch of one optimizer
+    # step; each process runs it as ACCUMULATION_STEPS micro-batches of IMS_PER_BATCH / (world size x
+    # ACCUMULATION_STEPS) images. MAX_ITER, the LR schedule and the periods count optimizer steps.
+    _C.SOLVER.ACCUMULATION_STEPS = 1
 
     return cfg
 

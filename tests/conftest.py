@@ -54,6 +54,23 @@ def make_tiny_cfg():
     return cfg
 
 
+# The improved demo decoder (configs/Demo/detr_shapes_tiny_improved.yaml) on the tiny sizes, without
+# denoising: a 3-level pyramid, a deformable encoder layer, deformable two-stage decoding, varifocal loss.
+IMPROVED_TINY = {"MODEL.BACKBONE.NAME": "build_dinov2_sfp_backbone", "MODEL.SFP.SCALE_FACTORS": [2.0, 1.0, 0.5],
+                 "MODEL.DETR.ENC_LAYERS": 1, "MODEL.DETR.DEFORMABLE.ENCODER": True,
+                 "MODEL.DETR.DEFORMABLE.DECODER": True, "MODEL.DETR.TWO_STAGE": True,
+                 "MODEL.DETR.CLASS_LOSS": "varifocal"}
+
+
+def make_improved_tiny_cfg(opts=None):
+    """:func:`make_tiny_cfg` with :data:`IMPROVED_TINY` and then ``opts`` ({key: value}) merged, seeded."""
+    torch.manual_seed(0)
+    cfg = make_tiny_cfg()
+    for key, value in {**IMPROVED_TINY, **(opts or {})}.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
 @pytest.fixture
 def tiny_cfg():
     """Function-scoped fresh tiny config (safe to mutate)."""

@@ -16,19 +16,11 @@ from dinodet2.modeling.training_signals import (
 )
 from dinodet2.modeling.transformer import MultiLevelTokens
 
-from conftest import make_tiny_cfg, make_train_batch
-
-IMPROVED = {"MODEL.BACKBONE.NAME": "build_dinov2_sfp_backbone", "MODEL.SFP.SCALE_FACTORS": [2.0, 1.0, 0.5],
-            "MODEL.DETR.ENC_LAYERS": 1, "MODEL.DETR.DEFORMABLE.ENCODER": True, "MODEL.DETR.DEFORMABLE.DECODER": True,
-            "MODEL.DETR.TWO_STAGE": True, "MODEL.DETR.CLASS_LOSS": "varifocal"}
+from conftest import make_improved_tiny_cfg, make_train_batch
 
 
 def _cfg(opts):
-    torch.manual_seed(0)
-    cfg = make_tiny_cfg()
-    for key, value in {**IMPROVED, "MODEL.TOKEN_ALIGNMENT.ENABLED": True, **opts}.items():
-        cfg.merge_from_list([key, value])
-    return cfg
+    return make_improved_tiny_cfg({"MODEL.TOKEN_ALIGNMENT.ENABLED": True, **opts})
 
 
 def _perturb_lora(model):
@@ -152,7 +144,7 @@ def _two_level_inputs(student_dim, masks):
     tokens = MultiLevelTokens.from_levels(srcs, [torch.zeros_like(s) for s in srcs], masks)
     memory = torch.randn_like(tokens.src)
     images = ImageList(torch.zeros(2, 3, 56, 84), [(56, 84), (42, 56)])
-    return SignalInputs(images, tokens, memory, {}, []), srcs
+    return SignalInputs(images, tokens, memory, {}, [], []), srcs
 
 
 @pytest.mark.parametrize("loss", ["cosine", "mse"])

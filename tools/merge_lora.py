@@ -74,6 +74,7 @@ def merge(cfg, weights, output_dir, image_size=224, iters=5):
     merged_cfg.defrost()
     merged_cfg.MODEL.LORA.ENABLED = False
     merged_cfg.MODEL.TOKEN_ALIGNMENT.ENABLED = False
+    merged_cfg.MODEL.DISTILL.ENABLED = False
     merged_cfg.MODEL.WEIGHTS = os.path.abspath(weights_out)
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(merged_cfg.dump())

@@ -1,12 +1,13 @@
 """Dinodet2's checkpointer: Detectron2's ``DetectionCheckpointer`` that understands peft's LoRA
 parameter names, can write small trainable-only ("adapter") checkpoints, reads weights files
 without executing code (:mod:`.weights_file`), writes checkpoints atomically (:mod:`.atomic_file`),
-refuses to write non-finite weights and resumes from the newest readable checkpoint."""
+refuses to write non-finite weights, resumes from the newest readable checkpoint and can publish
+other weights than the training ones (the EMA's) as a checkpoint's model."""
 import logging
 import math
 import os
 import re
-from typing import Any, BinaryIO, Callable, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -57,6 +58,9 @@ def remap_lora_keys(checkpoint_state: Dict, model_keys) -> Dict:
 
 
 TRAINABLE_ONLY = "trainable_only"
+# Checkpoint key of the model's own (training) weights of the entries that "model" replaces with
+# published ones (Dinodet2Checkpointer.publish_weights).
+TRAINING_WEIGHTS = "training_weights"
 
 
 def trainable_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -112,6 +116,12 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     ``resume_or_load(path, resume=True)`` first removes temporary files of interrupted writes from
     the save dir (main process), then, if ``last_checkpoint`` names a file that is missing or
     unreadable, warns and resumes from the newest readable ``model_*.pth`` instead.
+
+    Published weights (:meth:`publish_weights`, e.g. the EMA of the weights): a checkpoint's
+    ``"model"`` holds them in place of the model's own entries, which are kept under
+    ``"training_weights"``. Loading uses ``"model"`` (evaluation, ``MODEL.WEIGHTS``, the tools),
+    except a load that restores the training state (``--resume``: the load includes the
+    checkpointer's checkpointables), which puts the training weights back.
     """
 
     def __init__(self, model, save_dir: str = "", *, trainable_only: bool = False, cfg=None, **kwargs):
@@ -123,6 +133,14 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
         self.trainable_only = trainable_only
         self.cfg = cfg
         self._probed = None  # (path, contents) of the file resume_or_load chose, read once
+        self._published_weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None
+        self._restoring_training_state = False  # set by load() for _load_model
+
+    def publish_weights(self, source: Callable[[], Dict[str, torch.Tensor]]) -> None:
+        """From now on a checkpoint's ``"model"`` holds ``source()``'s tensors (``{state-dict name:
+        tensor}``, e.g. :meth:`.ema.ModelEMA.averaged_weights`) in place of the model's own entries
+        of those names; the model's own go under ``"training_weights"`` for ``--resume``."""
+        self._published_weights = source
 
     # ------------------------------------------------------------------------------------------
     # writing
@@ -136,6 +154,10 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
                 data["config"] = self.cfg.dump()
         else:
             data = {"model": self.model.state_dict()}
+        if self._published_weights is not None:
+            published = {k: v for k, v in self._published_weights().items() if k in data["model"]}
+            data[TRAINING_WEIGHTS] = {k: data["model"][k] for k in published}
+            data["model"] = {**data["model"], **published}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -177,6 +199,8 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     # reading
     # ------------------------------------------------------------------------------------------
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        requested = kwargs.get("checkpointables", args[0] if args else None)  # None: all of them
+        self._restoring_training_state = bool(self.checkpointables if requested is None else requested)
         try:
             if path and "://" not in path:
                 # Detectron2 strips a "?matching_heuristics=True" query the same way before reading.
@@ -184,6 +208,7 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         finally:
             self._probed = None
+            self._restoring_training_state = False
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith((".pkl", ".pyth")):
@@ -256,6 +281,15 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     # loading into the model
     # ------------------------------------------------------------------------------------------
     def _load_model(self, checkpoint):
+        training = checkpoint.pop(TRAINING_WEIGHTS, None)
+        if isinstance(training, dict) and isinstance(checkpoint.get("model"), dict):
+            if self._restoring_training_state:
+                logger.info("Resuming with the checkpoint's training weights (%d tensors under '%s'; its 'model' "
+                            "holds published weights, e.g. the EMA).", len(training), TRAINING_WEIGHTS)
+                checkpoint["model"] = {**checkpoint["model"], **training}
+            else:
+                logger.info("Loading the checkpoint's 'model': published weights (e.g. the EMA) of %d tensors; "
+                            "its training weights are only used by --resume.", len(training))
         if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics", False):
             _strip_prefix_if_present(checkpoint["model"], "module.")  # checkpoints of DDP-wrapped models
             if hasattr(self.model, "upgrade_state_dict"):  # keys renamed since the checkpoint was written

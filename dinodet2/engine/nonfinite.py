@@ -148,8 +148,9 @@ class NonFiniteStepGuard:
 
 
 def guarded_trainer_class(base: Type[SimpleTrainer]) -> Type[SimpleTrainer]:
-    """``base`` (``SimpleTrainer`` or ``AMPTrainer``) whose steps pass a :class:`NonFiniteStepGuard`
-    (the ``guard`` constructor argument) between ``backward`` and ``optimizer.step``."""
+    """``base`` (``SimpleTrainer``, ``AMPTrainer`` or :class:`~.train_step.AccumulatingTrainer`) whose
+    steps pass a :class:`NonFiniteStepGuard` (the ``guard`` constructor argument) between ``backward``
+    and ``optimizer.step`` (with gradient accumulation: once, on the accumulated gradients)."""
 
     class Guarded(base):
         def __init__(self, *args, guard: Optional[NonFiniteStepGuard] = None, **kwargs):
@@ -157,10 +158,12 @@ def guarded_trainer_class(base: Type[SimpleTrainer]) -> Type[SimpleTrainer]:
             self.guard = guard or NonFiniteStepGuard()
 
         def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
-            # Called by run_step after backward() and before optimizer.step(). With AMP, GradScaler
-            # handles non-finite (scaled) gradients itself; only the loss is checked then.
-            amp = getattr(self, "grad_scaler", None) is not None
-            if self.guard.admit(self.model, loss_dict, self.iter if iter is None else iter, check_gradients=not amp):
+            # Called by run_step after backward() and before optimizer.step(). With fp16 AMP, GradScaler
+            # handles non-finite (scaled) gradients itself; only the loss is checked then (a disabled
+            # scaler, bf16 in AMPTrainer, does not: the gradients are checked).
+            scaler = getattr(self, "grad_scaler", None)
+            scaled = scaler is not None and scaler.is_enabled()
+            if self.guard.admit(self.model, loss_dict, self.iter if iter is None else iter, check_gradients=not scaled):
                 super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
     Guarded.__name__ = Guarded.__qualname__ = f"NonFiniteGuarded{base.__name__}"

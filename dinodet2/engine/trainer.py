@@ -5,7 +5,7 @@ import weakref
 
 import torch
 from detectron2.data import DatasetFromList, build_batch_data_loader, build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine import DefaultTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -17,22 +17,15 @@ from ..param_report import log_parameter_summary
 from .checkpoint import Dinodet2Checkpointer
 from .compilation import CompileMetricsHook, compile_model, compile_report
 from .curriculum_schedules import CurriculumHook
+from .ema import ModelEMA, add_model_ema
 from .exact_resume import ExactResumeHook, resolve_run_seed
 from .hooks import AdaLoraBudgetHook, TrainLoaderScheduleHook
-from .nonfinite import NonFiniteStepGuard, guarded_trainer_class
+from .nonfinite import NonFiniteStepGuard
 from .optimizer import build_optimizer
+from .precision import check_amp_available
+from .train_step import build_step_trainer, check_accumulation_steps
 
 __all__ = ["Trainer", "check_amp_available", "prepare_datasets", "wrap_ddp"]
-
-
-def check_amp_available(cfg) -> None:
-    """Detectron2's AMPTrainer needs CUDA; say so clearly instead of its bare assertion."""
-    if cfg.SOLVER.AMP.ENABLED and not (cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError(
-            f"SOLVER.AMP.ENABLED=True needs a CUDA device (MODEL.DEVICE='{cfg.MODEL.DEVICE}', "
-            f"torch.cuda.is_available()={torch.cuda.is_available()}). Detectron2's AMPTrainer only "
-            "supports CUDA; set SOLVER.AMP.ENABLED=False to train in fp32 on this device."
-        )
 
 
 def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
@@ -55,7 +48,8 @@ def prepare_datasets(dataset_names) -> None:
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer + COCOEvaluator, AdamW parameter groups, DETR's mapper, CPU-capable DDP,
-    LoRA-aware checkpointing, a clear AMP-on-CPU error, steps guarded against non-finite values
+    LoRA-aware checkpointing, fp16 / bf16 autocast (CPU: bf16) and gradient accumulation
+    (:mod:`.train_step`), steps guarded against non-finite values
     (:mod:`.nonfinite`) and exact resume: the data stream, augmentations and per-step randomness
     are functions of the run's seed and the iteration (:mod:`dinodet2.data.train_stream`,
     :mod:`.exact_resume`)."""
@@ -71,13 +65,15 @@ class Trainer(DefaultTrainer):
         for name in cfg.DATASETS.TEST:  # evaluation runs late: check its datasets before iteration 0
             eval_dataset_dicts(cfg, name)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_accumulation_steps(cfg, comm.get_world_size())
         self.seed = resolve_run_seed(cfg)  # replaced by the checkpoint's on --resume
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.seed)
         model = wrap_ddp(cfg, model)
-        trainer_cls = guarded_trainer_class(AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)
-        self._trainer = trainer_cls(model, data_loader, optimizer, guard=NonFiniteStepGuard.from_config(cfg))
+        # SOLVER.AMP precision and SOLVER.ACCUMULATION_STEPS micro-batches per step (.train_step)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer, NonFiniteStepGuard.from_config(cfg),
+                                           world_size=comm.get_world_size())
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Dinodet2Checkpointer(model, cfg.OUTPUT_DIR, trainable_only=cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY,
                                                  cfg=cfg, trainer=weakref.proxy(self))
@@ -106,7 +102,18 @@ class Trainer(DefaultTrainer):
         hooks.insert(1, TrainLoaderScheduleHook(
             lambda start_iter: self.build_train_loader(cfg, start_iter=start_iter, seed=self.seed),
             TrainDataSchedule.from_config(cfg)))
+        if cfg.SOLVER.EMA.ENABLED:  # EMA hook before the checkpointer and evaluation; EMA in checkpoints
+            hooks = add_model_ema(hooks, ModelEMA.from_config(cfg, self.model), self.checkpointer,
+                                  eval_with_ema=cfg.SOLVER.EMA.EVAL_WITH_EMA,
+                                  checkpoint_model=cfg.SOLVER.EMA.CHECKPOINT_MODEL,
+                                  evaluate=self._test_and_save_results, eval_period=cfg.TEST.EVAL_PERIOD,
+                                  skipped_steps=lambda: self._trainer.guard.skipped_steps)
         return hooks
+
+    def _test_and_save_results(self):
+        """What DefaultTrainer.build_hooks' EvalHook runs (its local ``test_and_save_results``)."""
+        self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     @classmethod
     def build_model(cls, cfg):

@@ -3,9 +3,15 @@
 Each decoder output layer is matched to the targets on its own with the Hungarian matcher; the
 losses of the matched pairs (and the no-object classification of the unmatched queries) are then
 weighted and returned in a flat dict that Detectron2's trainer sums.
-"""
 
-from typing import Any, Dict, List, Tuple
+Matching and losses run in fp32 with autocast disabled, whatever the training precision
+(``SOLVER.AMP``). With gradient accumulation the trainer declares each micro-batch part of one
+batch (:meth:`SetCriterion.effective_batch`), so that the box-normalised losses use that batch's
+box count.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,17 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 from .classification import Classification
 from .matcher import HungarianMatcher
 from .transformer.sparse_encoder import token_foreground_targets
+
+
+@dataclass
+class _EffectiveBatch:
+    """One batch run as ``num_micro_batches`` forwards (:meth:`SetCriterion.effective_batch`)."""
+
+    num_boxes: int  # target boxes of the whole batch on this rank
+    num_micro_batches: int
+    normaliser: Optional[float] = None  # the per-micro-batch box normaliser, once computed
+    correct: int = 0  # matched queries (final layer) with the right class, over the micro-batches so far
+    matched: int = 0
 
 
 class SetCriterion(nn.Module):
@@ -53,6 +70,7 @@ class SetCriterion(nn.Module):
         self.token_fg_weight = token_fg_weight
         self.token_focal = tuple(token_focal)
         self.last_metrics: Dict[str, float] = {}
+        self._effective_batch: Optional[_EffectiveBatch] = None
 
     @classmethod
     def from_config(cls, cfg, classification: Classification) -> "SetCriterion":
@@ -94,7 +112,12 @@ class SetCriterion(nn.Module):
             already multiplied by its weight. ``class_error`` (final layer) is logged to the
             current :class:`EventStorage`, if any, and kept in :attr:`last_metrics`.
         """
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        device = outputs["pred_logits"].device
+        with torch.autocast(device.type, enabled=False):  # costs and losses in fp32 under AMP
+            return self._losses(outputs, targets, self._box_normaliser(targets, device))
+
+    def _losses(self, outputs: Dict[str, Any], targets: List[Dict[str, Tensor]], num_boxes: float
+                ) -> Dict[str, Tensor]:
         losses = self._layer_losses(outputs, targets, num_boxes, suffix="", log_metrics=True)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
@@ -106,6 +129,40 @@ class SetCriterion(nn.Module):
         if "token_scores" in outputs:  # the sparse encoder's token scorer
             losses.update(self.token_foreground_loss(outputs["token_scores"], targets))
         return losses
+
+    @contextmanager
+    def effective_batch(self, num_boxes: int, num_micro_batches: int) -> Iterator[None]:
+        """Within the block, the forwards are the ``num_micro_batches`` micro-batches of one batch
+        holding ``num_boxes`` target boxes on this rank (gradient accumulation,
+        :mod:`dinodet2.engine.train_step`).
+
+        The losses normalised by the box count (class for sigmoid heads, L1, GIoU, of every layer,
+        the proposals and the denoising queries) divide by that batch's count (averaged over workers,
+        at least 1) / ``num_micro_batches``: the mean of the micro-batches' losses -- what the
+        trainer accumulates -- is then the batch's loss. ``class_error`` is logged once, over the
+        whole batch, when the block ends normally.
+        """
+        if num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}.")
+        if self._effective_batch is not None:
+            raise RuntimeError("SetCriterion.effective_batch blocks cannot be nested.")
+        self._effective_batch = batch = _EffectiveBatch(int(num_boxes), int(num_micro_batches))
+        try:
+            yield
+        finally:
+            self._effective_batch = None
+        if batch.matched:
+            self._record_class_error(100.0 - 100.0 * batch.correct / batch.matched)
+
+    def _box_normaliser(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
+        """This batch's box count (:meth:`_num_boxes`), or in an :meth:`effective_batch` the whole
+        batch's count / its number of micro-batches (computed at its first micro-batch)."""
+        batch = self._effective_batch
+        if batch is None:
+            return self._num_boxes(targets, device)
+        if batch.normaliser is None:
+            batch.normaliser = self._average_over_workers(batch.num_boxes, device) / batch.num_micro_batches
+        return batch.normaliser
 
     @staticmethod
     def _num_boxes(targets: List[Dict[str, Tensor]], device: torch.device) -> float:
@@ -227,15 +284,23 @@ class SetCriterion(nn.Module):
 
         With ``"ce"`` the argmax includes the no-object logit, as in DETR.
 
-        Nothing is recorded when no query is matched (the metric is undefined then).
+        Nothing is recorded when no query is matched (the metric is undefined then). In an
+        :meth:`effective_batch` the counts add up and are recorded once, when it ends.
         """
+        correct = int((matched_logits.argmax(-1) == matched_labels).sum())
+        if self._effective_batch is not None:
+            self._effective_batch.correct += correct
+            self._effective_batch.matched += matched_labels.numel()
+            return
         if matched_labels.numel() == 0:
             self.last_metrics = {}
             return
-        accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
-        self.last_metrics = {"class_error": 100.0 - accuracy.item()}
+        self._record_class_error(100.0 - 100.0 * correct / matched_labels.numel())
+
+    def _record_class_error(self, class_error: float) -> None:
+        self.last_metrics = {"class_error": class_error}
         if has_event_storage():
-            get_event_storage().put_scalar("class_error", self.last_metrics["class_error"])
+            get_event_storage().put_scalar("class_error", class_error)
 
 
 def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

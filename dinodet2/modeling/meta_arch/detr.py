@@ -144,7 +144,7 @@ class DETR(nn.Module):
             "pruning": QueryPruning.from_config(cfg),
             "test_decoder_layers": c.TEST_DEC_LAYERS,
             "training_signals": build_training_signals(
-                cfg, backbone, [shapes[f].stride for f in in_features if f in shapes]),
+                cfg, backbone, [shapes[f].stride for f in in_features if f in shapes], classification),
         }
 
     #: state-dict prefixes of parts that exist for training only
@@ -301,7 +301,7 @@ class DETR(nn.Module):
         outputs.update(self.transformer.encoder.pop_outputs())  # sparse encoder: "token_scores"
         losses = self.criterion(outputs, targets)
         if len(self.training_signals):
-            inputs = SignalInputs(images, tokens, memory, outputs, targets)
+            inputs = SignalInputs(images, tokens, memory, outputs, targets, batched_inputs)
             for signal in self.training_signals.values():
                 losses.update(signal(inputs))
         if hasattr(self.backbone, "extra_losses"):

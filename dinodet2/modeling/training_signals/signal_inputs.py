@@ -20,6 +20,7 @@ class SignalInputs:
         memory: the encoder's output ``[B, N, C]``, the same token order as ``tokens.src``.
         outputs: the detector's predictions (``pred_logits``, ``pred_boxes``, ``aux_outputs``, ...).
         targets: per image ``{"labels", "boxes"}`` (normalised cxcywh), as the criterion gets them.
+        batched_inputs: the model's input dicts (raw images: what a teacher model reads).
     """
 
     images: ImageList
@@ -27,3 +28,4 @@ class SignalInputs:
     memory: torch.Tensor
     outputs: Dict
     targets: List[Dict[str, torch.Tensor]]
+    batched_inputs: List[Dict]

@@ -1,0 +1,186 @@
+"""Training signals on the hard embedded dataset: the improved recipe alone and with EMA, knowledge
+distillation, token alignment and their combinations, at a fixed iteration budget and over several
+seeds (``tools/train_net.py`` runs, one after the other):
+
+    python benchmarks/training_signals.py --iters 300 --seeds 1 2 --output output/training_signals.json
+
+1. The teacher, a larger model (``--teacher-config``, default the hard config with a 6-block 192-d
+   DINOv2 and 6 decoder layers), is trained first for ``--teacher-iters`` (its own AP is reported),
+   unless ``--teacher-weights`` names one already trained.
+2. Its LoRA-merged ViT is written as a Hugging Face DINOv2 (``save_pretrained``): the frozen model that
+   token alignment aligns to (``MODEL.TOKEN_ALIGNMENT.TEACHER``). The demo's own ViT is randomly
+   initialised, so aligning to its frozen copy would teach nothing; a ViT trained on this data stands in
+   for a pretrained DINOv2.
+3. Every variant x seed trains ``--iters`` iterations and is evaluated on ``shapes_hard_val``:
+   AP, AP50, AP75, APs (COCOEvaluator), median s/iter and the run's peak resident memory.
+
+Timings are only comparable on an otherwise idle machine; each row records how long it took.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO_ROOT)
+
+from dinodet2.benchmarking.training_runs import (  # noqa: E402
+    bbox_metrics,
+    fixed_budget_overrides,
+    median_iteration_seconds,
+    read_metrics_records,
+    train_net_command,
+)
+
+HARD_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_hard_improved.yaml")
+# The teacher: the same recipe and pyramid (feature distillation pairs levels of equal stride) with a
+# larger ViT and more decoder layers.
+TEACHER_OVERRIDES = ["MODEL.DINOV2.HIDDEN_SIZE", "192", "MODEL.DINOV2.NUM_LAYERS", "6", "MODEL.DINOV2.NUM_HEADS", "6",
+                     "MODEL.DETR.DEC_LAYERS", "6"]
+
+
+def variants(teacher_config: str, teacher_weights: str, teacher_vit: str, iters: int) -> Dict[str, List[str]]:
+    """Name -> config overrides of every variant measured."""
+    ema = ["SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.998", "SOLVER.EMA.TAU", str(max(iters // 10, 1))]
+    distill = ["MODEL.DISTILL.ENABLED", "True", "MODEL.DISTILL.TEACHER_CONFIG", teacher_config,
+               "MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights, "MODEL.DISTILL.TEACHER_OPTS",
+               json.dumps(TEACHER_OVERRIDES)]
+    align = ["MODEL.TOKEN_ALIGNMENT.ENABLED", "True", "MODEL.TOKEN_ALIGNMENT.TEACHER", teacher_vit]
+    return {
+        "improved recipe": [],
+        "+ EMA": ema,
+        "+ distillation": distill,
+        "+ token alignment": align,
+        "+ EMA + distillation": ema + distill,
+        "+ EMA + distillation + token alignment": ema + distill + align,
+    }
+
+
+def run(cmd: Sequence[str], log_path: str) -> Dict:
+    """Run ``cmd`` from the repository root, its output in ``log_path``; wall seconds and peak RSS (MiB)
+    of the process (``wait4``'s rusage, so the run's own peak, not the largest of all children)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), cwd=_REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_path}")
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def train(config: str, overrides: Sequence[str], out: str, iters: int, seed: int) -> Dict:
+    os.makedirs(out, exist_ok=True)
+    cmd = train_net_command(config, [*overrides, *fixed_budget_overrides(iters, out), "SEED", str(seed),
+                                     "TEST.EVAL_PERIOD", "0"])
+    print(f"[training_signals] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    measured = run(cmd, os.path.join(out, "run.log"))
+    records = read_metrics_records(out)
+    return {**measured, "s_per_iter": median_iteration_seconds(records), **bbox_metrics(records)}
+
+
+def export_teacher_vit(config: str, overrides: Sequence[str], weights: str, folder: str) -> str:
+    """The teacher's ViT, LoRA merged, as a Hugging Face DINOv2 directory (``save_pretrained``)."""
+    from detectron2.modeling import build_model
+
+    from dinodet2.config import load_dinodet2_config
+    from dinodet2.engine.checkpoint import Dinodet2Checkpointer
+    from dinodet2.modeling.backbone.lora import merge_lora_
+    from dinodet2.modeling.training_signals import find_dinov2_backbone
+
+    cfg = load_dinodet2_config(config, [*overrides, "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    Dinodet2Checkpointer(model).load(weights)
+    merge_lora_(model)
+    vit = copy.deepcopy(find_dinov2_backbone(model.backbone).vit)
+    vit.config.num_hidden_layers = len(vit.encoder.layer)  # the backbone keeps the blocks up to its last output
+    vit.config.drop_path_rate = 0.0
+    vit.save_pretrained(folder)
+    return folder
+
+
+def summarise(rows: List[Dict]) -> List[Dict]:
+    """Per variant: mean (and per-seed values) of the metrics over its seeds."""
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == name]
+        entry = {"variant": name, "seeds": [r["seed"] for r in runs]}
+        for key in ("AP", "AP50", "AP75", "APs", "s_per_iter", "peak_rss_mib"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            entry[key] = statistics.mean(values) if values else None
+            entry[key + "_per_seed"] = values
+        out.append(entry)
+    return out
+
+
+def format_markdown(result: Dict) -> str:
+    t = result["teacher"]
+    lines = [f"Teacher ({' '.join(TEACHER_OVERRIDES)}, {t['iters']} iterations, seed {t['seed']}): AP {_f(t.get('AP'))}, "
+             f"AP50 {_f(t.get('AP50'))}, APs {_f(t.get('APs'))}, {_f(t.get('s_per_iter'), 3)} s/iter", "",
+             f"{result['iters']} iterations per run, seeds {result['seeds']} (mean; per seed in brackets):", "",
+             "| variant | AP | AP50 | AP75 | APs | s/iter | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        per = "/".join(_f(v) for v in r["AP_per_seed"])
+        lines.append(f"| {r['variant']} | {_f(r['AP'])} ({per}) | {_f(r['AP50'])} | {_f(r['AP75'])} | {_f(r['APs'])} | "
+                     f"{_f(r['s_per_iter'], 3)} | {_f(r['peak_rss_mib'], 0)} |")
+    return "\n".join(lines)
+
+
+def _f(value: Optional[float], digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=HARD_CONFIG)
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--teacher-iters", type=int, default=None, help="default: 2 x --iters")
+    p.add_argument("--teacher-weights", default=None, help="a teacher already trained (skips its training)")
+    p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
+    p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "training_signals"))
+    p.add_argument("--output", default=None, metavar="JSON")
+    args = p.parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    config = os.path.abspath(args.config)
+
+    teacher_iters = args.teacher_iters or 2 * args.iters
+    teacher_out = os.path.join(args.work_dir, "teacher")
+    teacher = {"iters": teacher_iters, "seed": args.seeds[0]}
+    if args.teacher_weights:
+        teacher_weights = os.path.abspath(args.teacher_weights)
+    else:
+        teacher.update(train(config, TEACHER_OVERRIDES, teacher_out, teacher_iters, args.seeds[0]))
+        teacher_weights = os.path.join(teacher_out, "model_final.pth")
+    teacher_vit = export_teacher_vit(config, TEACHER_OVERRIDES, teacher_weights, os.path.join(args.work_dir,
+                                                                                             "teacher_vit"))
+    table = variants(config, teacher_weights, teacher_vit, args.iters)
+    names = args.variants or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        sys.exit(f"error: unknown variants {unknown}; choose from {list(table)}")
+    result = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "iters": args.iters, "seeds": args.seeds,
+              "teacher": teacher, "rows": []}
+    for seed in args.seeds:
+        for name in names:
+            out = os.path.join(args.work_dir, f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name))
+            row = {"variant": name, "seed": seed, "overrides": table[name], **train(config, table[name], out,
+                                                                                     args.iters, seed)}
+            result["rows"].append(row)
+            print(f"[training_signals] {name} seed {seed}: AP {_f(row.get('AP'))} s/iter {_f(row['s_per_iter'], 3)}",
+                  file=sys.stderr, flush=True)
+            result["summary"] = summarise(result["rows"])
+            if args.output:
+                with open(args.output, "w") as f:
+                    json.dump(result, f, indent=2)
+    print(format_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
