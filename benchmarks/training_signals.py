@@ -44,12 +44,13 @@ TEACHER_OVERRIDES = ["MODEL.DINOV2.HIDDEN_SIZE", "192", "MODEL.DINOV2.NUM_LAYERS
                      "MODEL.DETR.DEC_LAYERS", "6"]
 
 
-def variants(teacher_config: str, teacher_weights: str, teacher_vit: str, iters: int) -> Dict[str, List[str]]:
+def variants(teacher_config: str, teacher_weights: str, teacher_opts: Sequence[str], teacher_vit: str,
+             iters: int) -> Dict[str, List[str]]:
     """Name -> config overrides of every variant measured."""
-    ema = ["SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.998", "SOLVER.EMA.TAU", str(max(iters // 10, 1))]
+    ema = ["SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.998", "SOLVER.EMA.TAU", str(float(max(iters // 10, 1)))]
     distill = ["MODEL.DISTILL.ENABLED", "True", "MODEL.DISTILL.TEACHER_CONFIG", teacher_config,
                "MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights, "MODEL.DISTILL.TEACHER_OPTS",
-               json.dumps(TEACHER_OVERRIDES)]
+               json.dumps(list(teacher_opts))]
     align = ["MODEL.TOKEN_ALIGNMENT.ENABLED", "True", "MODEL.TOKEN_ALIGNMENT.TEACHER", teacher_vit]
     return {
         "improved recipe": [],
@@ -74,14 +75,23 @@ def run(cmd: Sequence[str], log_path: str) -> Dict:
     return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def train(config: str, overrides: Sequence[str], out: str, iters: int, seed: int) -> Dict:
+def train(config: str, overrides: Sequence[str], out: str, iters: int, seed: int, reuse: bool = False) -> Dict:
+    """One ``tools/train_net.py`` run of ``iters`` iterations into ``out``, evaluated at its end. With
+    ``reuse``, a finished run already in ``out`` (its ``result.json``) is read instead of run again."""
+    done = os.path.join(out, "result.json")
+    if reuse and os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
     os.makedirs(out, exist_ok=True)
     cmd = train_net_command(config, [*overrides, *fixed_budget_overrides(iters, out), "SEED", str(seed),
                                      "TEST.EVAL_PERIOD", "0"])
     print(f"[training_signals] {' '.join(cmd)}", file=sys.stderr, flush=True)
     measured = run(cmd, os.path.join(out, "run.log"))
     records = read_metrics_records(out)
-    return {**measured, "s_per_iter": median_iteration_seconds(records), **bbox_metrics(records)}
+    result = {**measured, "s_per_iter": median_iteration_seconds(records), **bbox_metrics(records)}
+    with open(done, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def export_teacher_vit(config: str, overrides: Sequence[str], weights: str, folder: str) -> str:
@@ -145,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
     p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "training_signals"))
     p.add_argument("--output", default=None, metavar="JSON")
+    p.add_argument("--reuse", action="store_true", help="read runs already finished in --work-dir instead of "
+                                                         "running them again (to complete an interrupted measurement)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, the teacher's included")
     args = p.parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
     config = os.path.abspath(args.config)
@@ -155,22 +168,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.teacher_weights:
         teacher_weights = os.path.abspath(args.teacher_weights)
     else:
-        teacher.update(train(config, TEACHER_OVERRIDES, teacher_out, teacher_iters, args.seeds[0]))
+        teacher.update(train(config, [*TEACHER_OVERRIDES, *args.opts], teacher_out, teacher_iters, args.seeds[0],
+                             args.reuse))
         teacher_weights = os.path.join(teacher_out, "model_final.pth")
-    teacher_vit = export_teacher_vit(config, TEACHER_OVERRIDES, teacher_weights, os.path.join(args.work_dir,
-                                                                                             "teacher_vit"))
-    table = variants(config, teacher_weights, teacher_vit, args.iters)
+    teacher_vit = export_teacher_vit(config, [*TEACHER_OVERRIDES, *args.opts], teacher_weights,
+                                     os.path.join(args.work_dir, "teacher_vit"))
+    table = variants(config, teacher_weights, [*TEACHER_OVERRIDES, *args.opts], teacher_vit, args.iters)
     names = args.variants or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         sys.exit(f"error: unknown variants {unknown}; choose from {list(table)}")
     result = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "iters": args.iters, "seeds": args.seeds,
+              "opts": args.opts,
               "teacher": teacher, "rows": []}
     for seed in args.seeds:
         for name in names:
             out = os.path.join(args.work_dir, f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name))
-            row = {"variant": name, "seed": seed, "overrides": table[name], **train(config, table[name], out,
-                                                                                     args.iters, seed)}
+            row = {"variant": name, "seed": seed, "overrides": table[name],
+                   **train(config, [*table[name], *args.opts], out, args.iters, seed, args.reuse)}
             result["rows"].append(row)
             print(f"[training_signals] {name} seed {seed}: AP {_f(row.get('AP'))} s/iter {_f(row['s_per_iter'], 3)}",
                   file=sys.stderr, flush=True)

@@ -48,10 +48,39 @@ def test_command_line_writes_json(tmp_path):
     assert "MODEL.DETR.HIDDEN_DIM" in result["overrides"]
 
 
-def test_amp_on_cpu_is_refused(tiny_cfg):
+def test_fp16_amp_on_cpu_is_refused_and_bf16_runs_with_its_losses_reported(tiny_cfg):
     tiny_cfg.SOLVER.AMP.ENABLED = True
-    with pytest.raises(bench.BenchmarkSetupError, match="AMP"):
+    with pytest.raises(bench.BenchmarkSetupError, match="AMP.PRECISION"):
         bench.run_benchmark(tiny_cfg, "train", 56, batch_size=1, iters=1, warmup=0)
+    tiny_cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    r = bench.run_benchmark(tiny_cfg, "train", 56, batch_size=1, iters=1, warmup=0, count_flops=False)
+    assert r["amp"] and r["amp_precision"] == "bfloat16" and r["losses_finite"] is True
+    assert {"loss_class", "loss_bbox", "loss_giou"} <= set(r["losses"])
+    tiny_cfg.SOLVER.AMP.ENABLED = False
+    r = bench.run_benchmark(tiny_cfg, "inference", 56, batch_size=1, iters=1, warmup=0, count_flops=False)
+    assert r["amp_precision"] is None and r["losses"] is None and r["losses_finite"] is None
+
+
+def test_gpu_check_script_runs_its_rows_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.py with --device cpu on a tiny model: every row but fp16 (CUDA-only) runs,
+    the table and the JSON are written, and the exit code reports the refused fp16 row."""
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--image-size", "112", "--iters", "1",
+           "--warmup", "0", "--output", str(out), "MODEL.DINOV2.HIDDEN_SIZE", "32", "MODEL.DINOV2.NUM_LAYERS", "2",
+           "MODEL.DINOV2.NUM_HEADS", "2", "MODEL.DINOV2.PRETRAIN_IMAGE_SIZE", "56", "MODEL.DETR.HIDDEN_DIM", "32",
+           "MODEL.DETR.NHEADS", "2", "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.ENC_LAYERS", "1",
+           "MODEL.DETR.DEC_LAYERS", "1", "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.DN.NUM_QUERIES", "10",
+           "MODEL.SFP.OUT_CHANNELS", "32", "MODEL.DINOV2.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.DINOV2.NUM_WINDOWS", "2"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the fp16 row cannot run on a CPU
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["train, AMP fp16"]["status"].startswith("failed") and "bfloat16" in rows["train, AMP fp16"]["status"]
+    for name, row in rows.items():
+        if name != "train, AMP fp16":
+            assert row["status"] == "ok", (name, row["status"])
+            assert row["mode"] != "train" or row["losses_finite"] is True
+    assert "| inference, LoRA merged |" in proc.stdout
 
 
 def test_parse_image_size():

@@ -3,8 +3,9 @@
 
 * ``"train"``: one iteration = forward -> sum of the loss dict -> ``zero_grad`` -> ``backward`` ->
   ``optimizer.step`` with dinodet2's optimizer (``SOLVER.*``, gradient clipping included). With
-  ``SOLVER.AMP.ENABLED`` on CUDA the step runs like Detectron2's ``AMPTrainer`` (fp16 autocast +
-  ``GradScaler``); AMP on CPU is refused.
+  ``SOLVER.AMP.ENABLED`` the forward runs under the autocast ``SOLVER.AMP.PRECISION`` names, as in
+  training (:class:`dinodet2.engine.precision.MixedPrecision`: fp16 with a ``GradScaler`` on CUDA, bf16
+  without one on CUDA or the CPU); a precision the device cannot run is refused with the keys named.
 * ``"inference"``: ``model.eval()`` and ``torch.no_grad()`` forward (post-processing included).
 """
 import contextlib
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from detectron2.structures import Boxes, Instances
 
+from ..engine.precision import MixedPrecision
 from .measurement import (BenchmarkSetupError, CpuContentionMeter, contention_warning, count_gflops_per_image,
                           device_name, parameter_counts, peak_memory_mib, summary_stats, time_iterations)
 
@@ -92,10 +94,13 @@ def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_s
         raise BenchmarkSetupError(f"batch_size must be >= 1, got {batch_size}.")
     h, w = parse_image_size(image_size)
     device = torch.device(cfg.MODEL.DEVICE)
-    use_amp = mode == "train" and bool(cfg.SOLVER.AMP.ENABLED)
-    if use_amp and device.type != "cuda":
-        raise BenchmarkSetupError("SOLVER.AMP.ENABLED=True needs a CUDA device (MODEL.DEVICE is "
-                         f"'{cfg.MODEL.DEVICE}'); set SOLVER.AMP.ENABLED False to benchmark on CPU.")
+    precision = None
+    if mode == "train":
+        try:
+            precision = MixedPrecision.from_config(cfg)
+        except ValueError as e:
+            raise BenchmarkSetupError(str(e)) from e
+    use_amp = precision is not None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkSetupError(f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but CUDA is not available.")
 
@@ -110,13 +115,18 @@ def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_s
     if mode == "train":
         model.train()
         optimizer = build_optimizer(cfg, model)
-        scaler = torch.amp.GradScaler("cuda") if use_amp else None
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
+        scaler = precision.grad_scaler() if use_amp else None
+        autocast = precision.autocast if use_amp else contextlib.nullcontext
+
+        last_losses: Dict[str, float] = {}
 
         def step():
             with autocast():
                 loss_dict = model(batch)
                 losses = sum(loss_dict.values()) if isinstance(loss_dict, dict) else loss_dict
+            last_losses.clear()
+            last_losses.update({k: float(v) for k, v in loss_dict.items()} if isinstance(loss_dict, dict)
+                               else {"loss": float(losses)})
             optimizer.zero_grad()
             if scaler is not None:
                 scaler.scale(losses).backward()
@@ -162,7 +172,11 @@ def run_benchmark(cfg, mode: str, image_size: Union[int, Sequence[int]], batch_s
         **parameter_counts(model),
         "gflops_per_image": gflops,
         "gflops_note": FLOPS_NOTE,
+        # the last timed training step's losses, and whether every one was finite
+        "losses": dict(last_losses) if mode == "train" else None,
+        "losses_finite": all(np.isfinite(v) for v in last_losses.values()) if mode == "train" else None,
         "amp": use_amp,
+        "amp_precision": precision.name if use_amp else None,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         # Average CPU cores used by other processes during warm-up + timed loop (Linux; else None).
@@ -178,7 +192,7 @@ def format_summary(r: Dict) -> str:
     """A few human-readable lines of a :func:`run_benchmark` result (+ a contention warning)."""
     lines = [
         f"{r.get('config_file', '<cfg>')}  mode={r['mode']}  image={r['image_size'][0]}x{r['image_size'][1]}  "
-        f"batch={r['batch_size']}  iters={r['iters']} (+{r['warmup']} warm-up)  amp={r['amp']}",
+        f"batch={r['batch_size']}  iters={r['iters']} (+{r['warmup']} warm-up)  amp={r.get('amp_precision') or r['amp']}",
         f"  {r['median_s_per_iter']:.4f} s/iter median, {r['mean_s_per_iter']:.4f} mean "
         f"(min {r['min_s_per_iter']:.4f}, max {r['max_s_per_iter']:.4f})  ->  {r['images_per_s']:.2f} images/s",
         f"  peak memory {r['peak_memory_mib']:.0f} MiB ({r['peak_memory_kind'].split(':')[0].split(' (')[0]})",
