@@ -114,6 +114,24 @@ def export_teacher_vit(config: str, overrides: Sequence[str], weights: str, fold
     return folder
 
 
+def measure_speed(config: str, table: Dict[str, List[str]], opts: Sequence[str], image_size: Sequence[int],
+                  batch: int, iters: int, warmup: int) -> Dict[str, Dict]:
+    """Training-step time and peak memory of every variant on one synthetic batch
+    (``dinodet2.benchmarking.run_benchmark``), in this process: comparable only on an idle machine."""
+    from dinodet2.benchmarking import run_benchmark
+    from dinodet2.config import load_dinodet2_config
+
+    speed = {}
+    for name, overrides in table.items():
+        cfg = load_dinodet2_config(config, [*overrides, *opts, "MODEL.DEVICE", "cpu"])
+        print(f"[training_signals] speed: {name} ...", file=sys.stderr, flush=True)
+        r = run_benchmark(cfg, "train", list(image_size), batch, iters, warmup, count_flops=False)
+        speed[name] = {"s_per_iter": r["median_s_per_iter"], "peak_memory_mib": r["peak_memory_mib"],
+                       "peak_memory_kind": r["peak_memory_kind"],
+                       "other_processes_cpu_cores": r["other_processes_cpu_cores"]}
+    return speed
+
+
 def summarise(rows: List[Dict]) -> List[Dict]:
     """Per variant: mean (and per-seed values) of the metrics over its seeds."""
     out = []
@@ -138,6 +156,11 @@ def format_markdown(result: Dict) -> str:
         per = "/".join(_f(v) for v in r["AP_per_seed"])
         lines.append(f"| {r['variant']} | {_f(r['AP'])} ({per}) | {_f(r['AP50'])} | {_f(r['AP75'])} | {_f(r['APs'])} | "
                      f"{_f(r['s_per_iter'], 3)} | {_f(r['peak_rss_mib'], 0)} |")
+    if result.get("speed"):
+        lines += ["", "One training step on a synthetic batch (idle machine, median):", "",
+                  "| variant | s/iter | peak memory (MiB) |", "|---|---|---|"]
+        for name, r in result["speed"].items():
+            lines.append(f"| {name} | {r['s_per_iter']:.3f} | {_f(r['peak_memory_mib'], 0)} |")
     return "\n".join(lines)
 
 
@@ -155,6 +178,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
     p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "training_signals"))
     p.add_argument("--output", default=None, metavar="JSON")
+    p.add_argument("--speed", action="store_true",
+                   help="also time one training step of every variant on a synthetic batch (idle machine)")
+    p.add_argument("--speed-image-size", type=int, nargs=2, default=[352, 480])
+    p.add_argument("--speed-iters", type=int, default=5)
     p.add_argument("--reuse", action="store_true", help="read runs already finished in --work-dir instead of "
                                                          "running them again (to complete an interrupted measurement)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, the teacher's included")
@@ -193,6 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             if args.output:
                 with open(args.output, "w") as f:
                     json.dump(result, f, indent=2)
+    if args.speed:
+        batch = int(dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.IMS_PER_BATCH", 8))
+        result["speed"] = measure_speed(config, {n: table[n] for n in names}, args.opts, args.speed_image_size, batch,
+                                        args.speed_iters, warmup=2)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=2)
     print(format_markdown(result))
     return result
 
