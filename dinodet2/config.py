@@ -137,6 +137,14 @@ def add_dinodet2_config(cfg):
     # With TWO_STAGE: learned content queries (DINO's mixed query selection) if True, else the
     # selected tokens' (detached) features.
     _C.MODEL.DETR.MIXED_QUERY_SELECTION = True
+    # Scale-aware prediction heads (dinodet2.modeling.transformer.scale_aware). PROPOSAL_HEADS
+    # "per_level": with TWO_STAGE, every feature level's proposals come from its own class / box head
+    # ("shared": one head for all levels). DECODER_HEADS "size_conditioned": every decoder layer's state
+    # is modulated by the size of its reference box (FiLM, identity at initialisation) before the class
+    # and box heads ("shared": heads read the state as it is). Need reference-box queries.
+    _C.MODEL.DETR.SCALE_AWARE = CN()
+    _C.MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS = "shared"
+    _C.MODEL.DETR.SCALE_AWARE.DECODER_HEADS = "shared"
     # When queries have references (ANCHOR_QUERIES, TWO_STAGE or DEFORMABLE.DECODER): each decoder
     # layer's box becomes the next layer's reference (detached between layers).
     _C.MODEL.DETR.ITERATIVE_REFINEMENT = True

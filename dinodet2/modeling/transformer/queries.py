@@ -25,6 +25,7 @@ from ..classification import Classification
 from .adaptive_queries import AdaptiveQueryCount
 from .box_encoding import box_sine_embedding, inverse_sigmoid
 from .multilevel_tokens import MultiLevelTokens
+from .scale_aware import PROPOSAL_HEAD_KINDS, LevelHeads
 
 __all__ = ["AnchorQueries", "LearnedQueries", "QUERY_TYPES", "QueryInit", "ReferenceBoxQueries", "TwoStageQueries",
            "build_queries"]
@@ -157,10 +158,13 @@ class TwoStageQueries(ReferenceBoxQueries):
         mixed_selection: learned content queries (DINO) instead of the selected tokens' features.
         adaptive_count: in inference, keep a per-image number of proposals
             (:class:`~.adaptive_queries.AdaptiveQueryCount`) instead of the fixed top-``k``.
+        num_levels: with a number, every feature level gets its own class and box head
+            (:class:`~.scale_aware.LevelHeads`, ``MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS "per_level"``);
+            None: one head shared by all levels.
     """
 
     def __init__(self, num_queries: int, d_model: int, classification: Classification, mixed_selection: bool = True,
-                 adaptive_count: Optional[AdaptiveQueryCount] = None):
+                 adaptive_count: Optional[AdaptiveQueryCount] = None, num_levels: Optional[int] = None):
         if not classification.sigmoid:
             raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
                              "MODEL.DETR.CLASS_LOSS='focal' or 'varifocal'.")
@@ -168,18 +172,22 @@ class TwoStageQueries(ReferenceBoxQueries):
         self.classification = classification
         self.adaptive_count = adaptive_count
         self.token_proj = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
-        self.class_head = classification.head(d_model)
-        self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model),
-                                      nn.ReLU(), nn.Linear(d_model, 4))
-        nn.init.zeros_(self.box_head[-1].weight)
-        nn.init.zeros_(self.box_head[-1].bias)
+        if num_levels is None:
+            self.class_head, self.box_head = classification.head(d_model), _proposal_box_head(d_model)
+        else:
+            self.class_head = LevelHeads([classification.head(d_model) for _ in range(num_levels)])
+            self.box_head = LevelHeads([_proposal_box_head(d_model) for _ in range(num_levels)])
+
+    def _run_head(self, head: nn.Module, feat: torch.Tensor, tokens: MultiLevelTokens) -> torch.Tensor:
+        return head(feat, tokens.spatial_shapes.level_sizes) if isinstance(head, LevelHeads) else head(feat)
 
     def propose(self, tokens: MultiLevelTokens, memory: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Class logits and boxes of every token; padding tokens get a score of -inf for selection."""
         anchors, valid = tokens.anchors
         feat = self.token_proj(memory)
-        logits = self.class_head(feat).masked_fill(~valid[..., None], -1e4)  # padding: background
-        boxes = (self.box_head(feat) + inverse_sigmoid(anchors.to(feat.dtype))).sigmoid()
+        # padding tokens: background
+        logits = self._run_head(self.class_head, feat, tokens).masked_fill(~valid[..., None], -1e4)
+        boxes = (self._run_head(self.box_head, feat, tokens) + inverse_sigmoid(anchors.to(feat.dtype))).sigmoid()
         scores = self.classification.selection_scores(logits).masked_fill(~valid, float("-inf"))
         return {"pred_logits": logits, "pred_boxes": boxes, "scores": scores, "features": feat}
 
@@ -202,12 +210,30 @@ class TwoStageQueries(ReferenceBoxQueries):
                                               "pred_boxes": proposals["pred_boxes"]}, padding)
 
 
-def build_queries(cfg, classification: Classification) -> Queries:
-    """The query kind ``MODEL.DETR`` selects: TWO_STAGE, else ANCHOR_QUERIES, else learned."""
+def _proposal_box_head(d_model: int) -> nn.Sequential:
+    """A proposal box head: 3-layer MLP, the last layer zero-initialised (boxes start at the anchors)."""
+    head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.ReLU(),
+                         nn.Linear(d_model, 4))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+def build_queries(cfg, classification: Classification, num_levels: Optional[int] = None) -> Queries:
+    """The query kind ``MODEL.DETR`` selects: TWO_STAGE, else ANCHOR_QUERIES, else learned.
+    ``num_levels``: the transformer's feature levels (for per-level proposal heads)."""
     c = cfg.MODEL.DETR
+    kind = c.SCALE_AWARE.PROPOSAL_HEADS
+    if kind not in PROPOSAL_HEAD_KINDS:
+        raise ValueError(f"MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS={kind!r} must be one of {PROPOSAL_HEAD_KINDS}.")
+    if kind == "per_level" and not c.TWO_STAGE:
+        raise ValueError("MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS 'per_level' gives the two-stage proposals per-level "
+                         "heads and needs MODEL.DETR.TWO_STAGE True.")
+    if kind == "per_level" and num_levels is None:
+        raise ValueError("per-level proposal heads need the number of feature levels")
     if c.TWO_STAGE:
         return TwoStageQueries(c.NUM_QUERIES, c.HIDDEN_DIM, classification, c.MIXED_QUERY_SELECTION,
-                               AdaptiveQueryCount.from_config(cfg))
+                               AdaptiveQueryCount.from_config(cfg), num_levels if kind == "per_level" else None)
     if c.ADAPTIVE_QUERIES.ENABLED:
         AdaptiveQueryCount.from_config(cfg)  # raises: the count needs two-stage proposals
     if c.ANCHOR_QUERIES:

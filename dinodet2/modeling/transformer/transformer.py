@@ -31,6 +31,7 @@ from .layers import TransformerDecoderLayer, TransformerEncoderLayer, clones
 from .multilevel_tokens import MultiLevelTokens
 from .queries import Queries, build_queries
 from .query_pruning import ActiveQueries, DecodingStats, QueryPruning
+from .scale_aware import DECODER_HEAD_KINDS, SizeConditioning
 from .sparse_encoder import SparseTokenSelector, TokenSelection
 from .token_geometry import to_level_coordinates
 
@@ -145,10 +146,14 @@ class DetrDecoder(nn.Module):
         box_head: predicts box deltas relative to the reference (inverse-sigmoid space).
         refine_boxes: each layer's box becomes the next layer's reference (detached).
         look_forward_twice: predict from the previous layer's undetached box (needs refine_boxes).
+        size_conditioning: scale-aware heads: every layer's normed state is modulated by the size of
+            the box its prediction is relative to (:class:`~.scale_aware.SizeConditioning`) before the
+            class and box heads read it; None: the heads read the state as it is.
     """
 
     def __init__(self, layer: nn.Module, num_layers: int, d_model: int, box_head: nn.Module,
-                 refine_boxes: bool = True, look_forward_twice: bool = False):
+                 refine_boxes: bool = True, look_forward_twice: bool = False,
+                 size_conditioning: Optional[SizeConditioning] = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 1.")
@@ -161,6 +166,7 @@ class DetrDecoder(nn.Module):
         self.deformable = isinstance(layer, DeformableTransformerDecoderLayer)
         self.refine_boxes = refine_boxes
         self.look_forward_twice = look_forward_twice
+        self.size_conditioning = size_conditioning  # None registers nothing: the shared heads' state-dict keys
 
     def forward(self, tokens: MultiLevelTokens, memory: torch.Tensor, queries: Queries, content: torch.Tensor,
                 reference: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None,
@@ -221,8 +227,10 @@ class DetrDecoder(nn.Module):
                         projected_memory=cache.projected(index, layer),
                         self_attn_keys=keys_of(content, query_pos) if keys_of is not None else None)
         state = self.norm(content)
-        delta = self.box_head(state)
         base = previous if self.look_forward_twice else reference
+        if self.size_conditioning is not None and base is not None:
+            state = self.size_conditioning(state, base)
+        delta = self.box_head(state)
         if base is not None:
             base = inverse_sigmoid(base)
             delta = delta + (F.pad(base, (0, 2)) if base.shape[-1] == 2 else base)  # a point: size from 0
@@ -298,9 +306,17 @@ class DetrTransformer(nn.Module):
             decoder_layer = TransformerDecoderLayer(c.HIDDEN_DIM, c.NHEADS, **common)
         encoder = DetrEncoder(encoder_layer, c.ENC_LAYERS, nn.LayerNorm(c.HIDDEN_DIM) if c.PRE_NORM else None,
                               sparse=SparseTokenSelector.from_config(cfg))
+        queries = build_queries(cfg, classification, num_levels)
+        heads = c.SCALE_AWARE.DECODER_HEADS
+        if heads not in DECODER_HEAD_KINDS:
+            raise ValueError(f"MODEL.DETR.SCALE_AWARE.DECODER_HEADS={heads!r} must be one of {DECODER_HEAD_KINDS}.")
+        if heads == "size_conditioned" and not queries.uses_reference_boxes:
+            raise ValueError("MODEL.DETR.SCALE_AWARE.DECODER_HEADS 'size_conditioned' conditions the heads on each "
+                             "query's reference box: set MODEL.DETR.TWO_STAGE or MODEL.DETR.ANCHOR_QUERIES True.")
         decoder = DetrDecoder(decoder_layer, c.DEC_LAYERS, c.HIDDEN_DIM, BoxHead(c.HIDDEN_DIM, c.HIDDEN_DIM, 4, 3),
-                              refine_boxes=c.ITERATIVE_REFINEMENT, look_forward_twice=c.LOOK_FORWARD_TWICE)
-        return cls(encoder, build_queries(cfg, classification), decoder)
+                              refine_boxes=c.ITERATIVE_REFINEMENT, look_forward_twice=c.LOOK_FORWARD_TWICE,
+                              size_conditioning=SizeConditioning(c.HIDDEN_DIM) if heads == "size_conditioned" else None)
+        return cls(encoder, queries, decoder)
 
     def forward(self, tokens: MultiLevelTokens, denoising=None, num_queries: Optional[int] = None,
                 num_layers: Optional[int] = None, pruning: Optional[QueryPruning] = None,
