@@ -12,6 +12,7 @@ Keys are grouped by the component they configure:
 * ``CURRICULUM``    -- easy-to-hard sampling, query ramp-up, staged matching
 * ``SOLVER``        -- optimizer (AdamW), parameter-group LR multipliers, DDP options, non-finite steps,
                       mixed precision, gradient accumulation, EMA of the weights
+* ``TEST.SLICED``   -- sliced (tiled) inference for large images
 """
 from detectron2.config import CfgNode as CN
 
@@ -137,6 +138,11 @@ def add_dinodet2_config(cfg):
     # With TWO_STAGE: learned content queries (DINO's mixed query selection) if True, else the
     # selected tokens' (detached) features.
     _C.MODEL.DETR.MIXED_QUERY_SELECTION = True
+    # Levels (indices in MODEL.DETR.IN_FEATURES order, finest first by default) that only the decoder's
+    # cross-attention reads: the encoder layers do not update their tokens (they stay its keys / values)
+    # and two-stage proposals do not come from them. Makes a fine level (e.g. stride 3.5 from
+    # MODEL.SFP.SCALE_FACTORS 4.0) affordable: the encoder's cost stays that of the other levels.
+    _C.MODEL.DETR.DECODER_ONLY_LEVELS = []
     # Scale-aware prediction heads (dinodet2.modeling.transformer.scale_aware). PROPOSAL_HEADS
     # "per_level": with TWO_STAGE, every feature level's proposals come from its own class / box head
     # ("shared": one head for all levels). DECODER_HEADS "size_conditioned": every decoder layer's state
@@ -190,6 +196,22 @@ def add_dinodet2_config(cfg):
     _C.MODEL.DETR.DN.BOX_NOISE_SCALE = 1.0
     # Add negative (reject-as-no-object) queries: DINO's contrastive denoising.
     _C.MODEL.DETR.DN.CONTRASTIVE = True
+    # Cascade box refinement on the finest feature level (dinodet2.modeling.refinement): after the
+    # decoder, NUM_STAGES chained stages roi_align the finest token level (the projected backbone
+    # features) inside every query's box (POOL_SIZE x POOL_SIZE bins, SAMPLING_RATIO samples per bin
+    # side, <= 0 adaptive), fuse it with the query's decoder state (width HIDDEN_DIM, 0 = MODEL.DETR.
+    # HIDDEN_DIM) and predict a box delta (and, with RESCORE, a class-logit delta). Stage k trains on
+    # the final layer's matches whose incoming box has IoU >= IOU_THRESHOLDS[k] (one per stage) with
+    # their target, with the decoder's L1 / GIoU (/ class) weights: "*_refine_{k}" losses. Inference
+    # uses the last stage's boxes (and logits). Off: no parameters, no state-dict keys.
+    _C.MODEL.DETR.REFINEMENT = CN()
+    _C.MODEL.DETR.REFINEMENT.ENABLED = False
+    _C.MODEL.DETR.REFINEMENT.NUM_STAGES = 3
+    _C.MODEL.DETR.REFINEMENT.IOU_THRESHOLDS = (0.5, 0.6, 0.7)
+    _C.MODEL.DETR.REFINEMENT.POOL_SIZE = 7
+    _C.MODEL.DETR.REFINEMENT.SAMPLING_RATIO = 2
+    _C.MODEL.DETR.REFINEMENT.HIDDEN_DIM = 0
+    _C.MODEL.DETR.REFINEMENT.RESCORE = False
     # Inference-time efficiency (dinodet2.modeling.transformer.adaptive_queries / query_pruning);
     # off by default. Every threshold at its trivial value gives the full model's detections.
     # Adaptive query count (TWO_STAGE): per image, keep the proposals whose best class probability
@@ -491,6 +513,32 @@ def add_dinodet2_config(cfg):
     # step; each process runs it as ACCUMULATION_STEPS micro-batches of IMS_PER_BATCH / (world size x
     # ACCUMULATION_STEPS) images. MAX_ITER, the LR schedule and the periods count optimizer steps.
     _C.SOLVER.ACCUMULATION_STEPS = 1
+
+    # ----------------------------------------------------------------------------------------
+    # Sliced (tiled) inference for large images (dinodet2.inference.sliced); off by default
+    # ----------------------------------------------------------------------------------------
+    _C.TEST.SLICED = CN()
+    # Evaluate (Trainer.test, --eval-only) with sliced inference: the test loader gives original-size
+    # images, and the detector runs on tiles (each resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+    _C.TEST.SLICED.ENABLED = False
+    # Tile side in original-image pixels (tiles are clipped to smaller images: one tile = the image).
+    _C.TEST.SLICED.TILE_SIZE = 512
+    # Overlap of neighbouring tiles: a fraction of TILE_SIZE (< 1) or pixels (>= 1). Objects up to this
+    # size are whole in some tile.
+    _C.TEST.SLICED.OVERLAP = 0.2
+    # Also run the whole image (resized as usual) and merge its detections with the tiles'.
+    _C.TEST.SLICED.FULL_IMAGE = True
+    # Class-aware merge of the detections: "nms" (torchvision batched_nms) or "wbf" (weighted box fusion).
+    _C.TEST.SLICED.MERGE = "nms"
+    # IoU above which two detections of one class are merged.
+    _C.TEST.SLICED.MERGE_IOU = 0.5
+    # Detections kept per image after merging.
+    _C.TEST.SLICED.MAX_DETECTIONS = 100
+    # Tiles per forward pass of the detector.
+    _C.TEST.SLICED.TILE_BATCH = 8
+    # A tile's box within this many pixels of an inner tile edge, and inside the neighbouring tile
+    # across it, is a cut copy and is dropped before merging (the neighbour sees more of the object).
+    _C.TEST.SLICED.CUT_BOX_MARGIN = 2.0
 
     return cfg
 

@@ -46,10 +46,15 @@ def test_unsorted_scale_factors_give_stride_order(tiny_cfg):
     assert out["p28"].shape[-2:] == (4, 2)
 
 
-def test_fractional_stride_raises_clear_error(tiny_cfg):
-    # 14 / 4 = 3.5: no integer stride exists for scale 4 on a patch-14 ViT.
-    with pytest.raises(ValueError, match="fractional"):
-        build_dinov2_sfp_backbone(_sfp_cfg(tiny_cfg, scales=(4.0, 2.0, 1.0, 0.5, 0.25)))
+def test_a_half_stride_level_is_p3_5_and_finer_fractions_are_refused(tiny_cfg):
+    # 14 / 4 = 3.5: the stride-3.5 level of a patch-14 ViT, named p3_5, twice the stride-7 grid
+    backbone = build_dinov2_sfp_backbone(_sfp_cfg(tiny_cfg, scales=(4.0, 2.0, 1.0, 0.5)))
+    assert backbone.output_shape()["p3_5"].stride == 3.5
+    out = backbone(torch.randn(1, 3, 56, 112))
+    assert out["p3_5"].shape[-2:] == (16, 32) and out["p7"].shape[-2:] == (8, 16)
+    # 14 / 8 = 1.75: refused with the stride named
+    with pytest.raises(ValueError, match="1.75"):
+        build_dinov2_sfp_backbone(_sfp_cfg(tiny_cfg, scales=(8.0, 1.0)))
 
 
 def test_all_five_scales_with_patch16(tiny_cfg):

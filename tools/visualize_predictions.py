@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Draw a model's predictions on images of a registered dataset (PNG files), with Detectron2's
 DefaultPredictor and Visualizer. ``MODEL.WEIGHTS`` is loaded by ``Dinodet2Checkpointer`` (no code
-runs from the file; LoRA and trainable-only checkpoints load as in training).
+runs from the file; LoRA and trainable-only checkpoints load as in training). With
+``TEST.SLICED.ENABLED True`` the predictions come from sliced inference (``TEST.SLICED.*``).
 
     python tools/visualize_predictions.py --config-file configs/Demo/detr_shapes_tiny.yaml \
         --output output/demo/predictions MODEL.WEIGHTS output/demo/model_final.pth
@@ -20,12 +21,18 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.data import check_datasets_exist  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer, compile_model  # noqa: E402
+from dinodet2.inference import SlicedPredictor  # noqa: E402
 
 
 def build_predictor(cfg):
     """DefaultPredictor (preprocessing, single-image inference) with the weights loaded by
     Dinodet2Checkpointer instead of Detectron2's checkpointer (which unpickles .pkl files), and its
-    model compiled as in training with ``MODEL.COMPILE.ENABLED``."""
+    model compiled as in training with ``MODEL.COMPILE.ENABLED``. With ``TEST.SLICED.ENABLED``:
+    :class:`SlicedPredictor` (tiles of the original image; same checkpointer)."""
+    if cfg.TEST.SLICED.ENABLED:
+        predictor = SlicedPredictor(cfg)
+        compile_model(cfg, predictor.model)
+        return predictor
     without_weights = cfg.clone()
     without_weights.defrost()
     without_weights.MODEL.WEIGHTS = ""

@@ -13,6 +13,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, TrainDataSchedule, check_datasets_exist, eval_dataset_dicts, train_dataset_dicts
 from ..data.train_stream import SeededMapDataset, TrainStream, aspect_ratio_groups, build_index_sampler
+from ..inference.sliced import SlicedDetector, SlicedInference, check_sliced_config
 from ..param_report import log_parameter_summary
 from .checkpoint import Dinodet2Checkpointer
 from .compilation import CompileMetricsHook, compile_model, compile_report
@@ -64,6 +65,8 @@ class Trainer(DefaultTrainer):
         prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         for name in cfg.DATASETS.TEST:  # evaluation runs late: check its datasets before iteration 0
             eval_dataset_dicts(cfg, name)
+        if cfg.TEST.SLICED.ENABLED:
+            check_sliced_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         check_accumulation_steps(cfg, comm.get_world_size())
         self.seed = resolve_run_seed(cfg)  # replaced by the checkpoint's on --resume
@@ -153,10 +156,20 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """Detectron2's test loader with :class:`DetrDatasetMapper`, over the dataset's dicts checked
-        by :func:`eval_dataset_dicts` (not empty; ``MODEL.DETR.NUM_CLASSES`` covers its categories)."""
+        by :func:`eval_dataset_dicts` (not empty; ``MODEL.DETR.NUM_CLASSES`` covers its categories).
+        With ``TEST.SLICED.ENABLED`` the images are not resized: sliced inference resizes each tile."""
+        extra = {"augmentations": []} if cfg.TEST.SLICED.ENABLED else {}
         return build_detection_test_loader(eval_dataset_dicts(cfg, dataset_name),
-                                           mapper=DetrDatasetMapper(cfg, is_train=False),
+                                           mapper=DetrDatasetMapper(cfg, is_train=False, **extra),
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer's evaluation; with ``TEST.SLICED.ENABLED`` through :class:`SlicedDetector`
+        (tiles of the original images, :mod:`dinodet2.inference.sliced`)."""
+        if cfg.TEST.SLICED.ENABLED:
+            model = SlicedDetector(model, SlicedInference(cfg))
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -100,7 +100,8 @@ class SetCriterion(nn.Module):
                 and ``"dn_outputs"`` (denoising queries: the two keys, ``"aux_outputs"``,
                 ``"indices"`` (their fixed assignment) and ``"num_groups"``; losses ``_dn``), and
                 optionally ``"token_scores"`` (the sparse encoder's token scorer, ``loss_token_fg``,
-                :meth:`token_foreground_loss`).
+                :meth:`token_foreground_loss`), and optionally ``"refine_outputs"`` (cascade
+                refinement stages, losses ``_refine_{k}``, :meth:`refinement_losses`).
             targets: B dicts with ``"labels"`` (int64 [n]) and ``"boxes"`` ([n, 4] normalised
                 cxcywh), on the same device as the predictions, and optionally ``"weights"``
                 ([n] float, MixUp label weighting): a matched query's classification, L1 and
@@ -118,7 +119,8 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs: Dict[str, Any], targets: List[Dict[str, Tensor]], num_boxes: float
                 ) -> Dict[str, Tensor]:
-        losses = self._layer_losses(outputs, targets, num_boxes, suffix="", log_metrics=True)
+        indices = self._match(outputs, targets)  # the final layer's; the refinement stages reuse them
+        losses = self.losses_for_indices(outputs, targets, indices, num_boxes, suffix="", log_metrics=True)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
         if "enc_outputs" in outputs:  # two-stage proposals, one per image token
@@ -128,6 +130,34 @@ class SetCriterion(nn.Module):
             losses.update(self.denoising_losses(dn, targets, dn["indices"], num_boxes))
         if "token_scores" in outputs:  # the sparse encoder's token scorer
             losses.update(self.token_foreground_loss(outputs["token_scores"], targets))
+        if "refine_outputs" in outputs:  # cascade refinement stages (dinodet2.modeling.refinement)
+            losses.update(self.refinement_losses(outputs["refine_outputs"], targets, indices, num_boxes))
+        return losses
+
+    def refinement_losses(self, stages: List[Dict[str, Any]], targets: List[Dict[str, Tensor]],
+                          indices: List[Tuple[Tensor, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
+        """Losses of the cascade refinement stages, suffixed ``_refine_{k}`` (Cascade R-CNN).
+
+        Stage ``k`` (a dict with ``pred_logits``, ``pred_boxes``, ``incoming_boxes``,
+        ``iou_threshold`` and ``rescored``) trains on the final layer's matches ``indices`` whose
+        incoming box has IoU >= its threshold with the target; the other queries are "no object"
+        for its class loss, which is returned only when the stage ``rescored``. A stage nobody
+        passes still returns zero-valued losses connected to its predictions.
+        """
+        losses = {}
+        for k, stage in enumerate(stages):
+            incoming = stage["incoming_boxes"].float()
+            kept = []
+            for b, ((src, tgt), target) in enumerate(zip(indices, targets)):
+                src, tgt = src.to(incoming.device), tgt.to(incoming.device)
+                iou = _paired_iou(box_convert(incoming[b, src], "cxcywh", "xyxy"),
+                                  box_convert(target["boxes"][tgt].float(), "cxcywh", "xyxy"))
+                keep = iou >= stage["iou_threshold"]
+                kept.append((src[keep], tgt[keep]))
+            stage_losses = self.losses_for_indices(stage, targets, kept, num_boxes, suffix=f"_refine_{k}")
+            if not stage["rescored"]:
+                del stage_losses[f"loss_class_refine_{k}"]
+            losses.update(stage_losses)
         return losses
 
     @contextmanager
@@ -205,9 +235,13 @@ class SetCriterion(nn.Module):
         log_metrics: bool = False,
     ) -> Dict[str, Tensor]:
         """Match one decoder layer's predictions and compute its weighted losses."""
+        return self.losses_for_indices(outputs, targets, self._match(outputs, targets), num_boxes, suffix,
+                                       log_metrics)
+
+    def _match(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+        """The Hungarian assignment of one layer's predictions to the targets."""
         self.classification.check_logits(outputs["pred_logits"])
-        indices = self.matcher(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
-        return self.losses_for_indices(outputs, targets, indices, num_boxes, suffix, log_metrics)
+        return self.matcher(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
 
     def losses_for_indices(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
                            indices: List[Tuple[Tensor, Tensor]], num_boxes: float, suffix: str,

@@ -15,6 +15,7 @@ from ...config import IMAGENET_PIXEL_MEAN_RGB
 from ..classification import Classification, classification_from_config
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
+from ..refinement import CascadeRefinement
 from ..transformer import DetrTransformer, MultiLevelTokens, PositionEmbeddingSine
 from ..training_signals import SignalInputs, build_training_signals
 from ..transformer.query_pruning import DecodingStats, QueryPruning
@@ -48,7 +49,8 @@ class DETR(nn.Module):
 
     Built from its parts: ``backbone`` (+ neck), ``transformer`` (encoder, queries, decoder with
     the box head), ``classification`` (how class logits are read, :mod:`..classification`; the
-    class head is built from it), ``criterion`` (matcher + losses) and optional ``denoising``.
+    class head is built from it), ``criterion`` (matcher + losses), optional ``denoising`` and
+    optional ``refinement`` (cascade box refinement on the finest level, :mod:`..refinement`).
 
     Training input: Detectron2's list of dicts with ``image`` (CHW, ``INPUT.FORMAT``) and
     ``instances`` (``gt_boxes`` absolute XYXY in the image's resized frame, ``gt_classes``
@@ -77,6 +79,7 @@ class DETR(nn.Module):
         pruning: Optional[QueryPruning] = None,
         test_decoder_layers: int = 0,
         training_signals: Optional[nn.ModuleDict] = None,
+        refinement: Optional[CascadeRefinement] = None,
     ):
         super().__init__()
         shapes = backbone.output_shape()
@@ -115,6 +118,8 @@ class DETR(nn.Module):
         self.test_decoder_layers = transformer.decoder.check_depth(test_decoder_layers)
         #: auxiliary training-only losses (dinodet2.modeling.training_signals); not run in inference
         self.training_signals = training_signals if training_signals is not None else nn.ModuleDict()
+        #: cascade box refinement after the decoder (dinodet2.modeling.refinement); None: no keys
+        self.refinement = refinement
         #: what the decoder ran on the last batch (queries per layer, layers run)
         self.last_decoding_stats: Optional[DecodingStats] = None
 
@@ -145,6 +150,7 @@ class DETR(nn.Module):
             "test_decoder_layers": c.TEST_DEC_LAYERS,
             "training_signals": build_training_signals(
                 cfg, backbone, [shapes[f].stride for f in in_features if f in shapes], classification),
+            "refinement": CascadeRefinement.from_config(cfg, classification),
         }
 
     #: state-dict prefixes of parts that exist for training only
@@ -268,7 +274,20 @@ class DETR(nn.Module):
         if denoising is not None:
             outputs["dn_outputs"] = self._layer_outputs(logits[:, :, :num_dn], out.boxes[:, :, :num_dn])
             outputs["dn_outputs"].update(indices=denoising.match_indices(), num_groups=denoising.num_groups)
+        if self.refinement is not None:
+            self._refine(outputs, tokens, out.states[-1, :, num_dn:])
         return outputs, tokens, out.memory
+
+    def _refine(self, outputs: Dict, tokens: MultiLevelTokens, states: torch.Tensor) -> None:
+        """Run the cascade refinement on the final predictions: in training its stages go to the
+        criterion (``"refine_outputs"``); in inference the last stage's boxes (and, rescoring, logits)
+        replace the decoder's (which stay in ``"decoder_boxes"`` / ``"decoder_logits"``)."""
+        stages = self.refinement(tokens, states, outputs["pred_boxes"], outputs["pred_logits"])
+        if self.training:
+            outputs["refine_outputs"] = stages
+            return
+        outputs["decoder_boxes"], outputs["decoder_logits"] = outputs["pred_boxes"], outputs["pred_logits"]
+        outputs["pred_boxes"], outputs["pred_logits"] = stages[-1]["pred_boxes"], stages[-1]["pred_logits"]
 
     def detection_scores(self, states: torch.Tensor) -> torch.Tensor:
         """``[B, Q]`` best class probability of decoder states (what query pruning reads)."""

@@ -77,10 +77,12 @@ class Dinov2SimpleFeaturePyramid(Backbone):
         for feat, scale in zip(self.in_features, self.scale_factors):
             in_ch, in_stride = net_shapes[feat].channels, net_shapes[feat].stride
             stride = in_stride / scale
-            if stride != int(stride):
-                raise ValueError(f"Scale factor {scale} on stride {in_stride} gives a fractional stride.")
-            stride = int(stride)
-            name = f"p{stride}"
+            if stride == int(stride):
+                stride = int(stride)
+            elif stride * 2 != int(stride * 2):  # 14 / 4 = 3.5 is a level (p3_5); finer fractions are not
+                raise ValueError(f"Scale factor {scale} on stride {in_stride} gives the stride {stride}; the pyramid "
+                                 "takes whole or half strides (e.g. 4.0 on the patch size 14: stride 3.5).")
+            name = f"p{stride:g}".replace(".", "_")
             if name in self._out_feature_strides:
                 raise ValueError(f"MODEL.SFP.SCALE_FACTORS repeats the factor {scale}.")
             self.stages.append(nn.Sequential(

@@ -1,6 +1,6 @@
 """The multi-level image tokens the transformer works on, built once per batch."""
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,6 +51,13 @@ class MultiLevelTokens:
         if self._anchors is None:
             self._anchors = token_anchors(self.level_masks)
         return self._anchors
+
+    def token_mask_without(self, levels: Sequence[int]) -> Optional[torch.Tensor]:
+        """``[N]`` bool, False on the tokens of ``levels`` (level indices); None when ``levels`` is empty."""
+        if not levels:
+            return None
+        return torch.cat([torch.full((h * w,), level not in levels, dtype=torch.bool, device=self.src.device)
+                          for level, (h, w) in enumerate(self.spatial_shapes.level_sizes)])
 
     def with_src(self, src: torch.Tensor) -> "MultiLevelTokens":
         """The same tokens with new features (e.g. the encoder's output)."""

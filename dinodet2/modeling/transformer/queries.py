@@ -16,7 +16,7 @@ anchors / content queries are used (two-stage: the top-``k`` proposals); paramet
 so they all stay in the autograd graph.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -161,16 +161,19 @@ class TwoStageQueries(ReferenceBoxQueries):
         num_levels: with a number, every feature level gets its own class and box head
             (:class:`~.scale_aware.LevelHeads`, ``MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS "per_level"``);
             None: one head shared by all levels.
+        excluded_levels: levels whose tokens never become proposals (``MODEL.DETR.DECODER_ONLY_LEVELS``).
     """
 
     def __init__(self, num_queries: int, d_model: int, classification: Classification, mixed_selection: bool = True,
-                 adaptive_count: Optional[AdaptiveQueryCount] = None, num_levels: Optional[int] = None):
+                 adaptive_count: Optional[AdaptiveQueryCount] = None, num_levels: Optional[int] = None,
+                 excluded_levels: Sequence[int] = ()):
         if not classification.sigmoid:
             raise ValueError("MODEL.DETR.TWO_STAGE=True selects proposals by sigmoid scores and needs "
                              "MODEL.DETR.CLASS_LOSS='focal' or 'varifocal'.")
         super().__init__(num_queries, d_model, learned_content=mixed_selection)
         self.classification = classification
         self.adaptive_count = adaptive_count
+        self.excluded_levels = tuple(excluded_levels)
         self.token_proj = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
         if num_levels is None:
             self.class_head, self.box_head = classification.head(d_model), _proposal_box_head(d_model)
@@ -184,6 +187,9 @@ class TwoStageQueries(ReferenceBoxQueries):
     def propose(self, tokens: MultiLevelTokens, memory: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Class logits and boxes of every token; padding tokens get a score of -inf for selection."""
         anchors, valid = tokens.anchors
+        allowed = tokens.token_mask_without(self.excluded_levels)
+        if allowed is not None:  # decoder-only levels: no proposals (background, never selected)
+            valid = valid & allowed
         feat = self.token_proj(memory)
         # padding tokens: background
         logits = self._run_head(self.class_head, feat, tokens).masked_fill(~valid[..., None], -1e4)
@@ -233,7 +239,8 @@ def build_queries(cfg, classification: Classification, num_levels: Optional[int]
         raise ValueError("per-level proposal heads need the number of feature levels")
     if c.TWO_STAGE:
         return TwoStageQueries(c.NUM_QUERIES, c.HIDDEN_DIM, classification, c.MIXED_QUERY_SELECTION,
-                               AdaptiveQueryCount.from_config(cfg), num_levels if kind == "per_level" else None)
+                               AdaptiveQueryCount.from_config(cfg), num_levels if kind == "per_level" else None,
+                               excluded_levels=c.DECODER_ONLY_LEVELS)
     if c.ADAPTIVE_QUERIES.ENABLED:
         AdaptiveQueryCount.from_config(cfg)  # raises: the count needs two-stage proposals
     if c.ANCHOR_QUERIES:

@@ -203,10 +203,14 @@ class SparseTokenSelector(nn.Module):
         """Ratio 1: the dense encoder runs (every token, padding included, is updated)."""
         return self.ratio >= 1.0
 
-    def select(self, logits: torch.Tensor, tokens: MultiLevelTokens) -> TokenSelection:
-        """The tokens to update, from the scorer's ``[B, N]`` logits."""
+    def select(self, logits: torch.Tensor, tokens: MultiLevelTokens,
+               eligible: Optional[torch.Tensor] = None) -> TokenSelection:
+        """The tokens to update, from the scorer's ``[B, N]`` logits; ``eligible`` ``[N]`` (None: all)
+        restricts the choice (and the counts the ratio applies to) to some tokens, e.g. those of the
+        levels the encoder updates."""
         sizes = [m.shape[-2] * m.shape[-1] for m in tokens.level_masks] if self.per_level else None
-        return select_tokens(logits, tokens.anchors[1], self.ratio, sizes)
+        valid = tokens.anchors[1] if eligible is None else tokens.anchors[1] & eligible
+        return select_tokens(logits, valid, self.ratio, sizes)
 
     @staticmethod
     def loss_inputs(logits: torch.Tensor, tokens: MultiLevelTokens) -> Dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ Every improvement is a part or a setting of a part (see ``MODEL.DETR`` in :mod:`
   kept apart by a self-attention mask.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,19 @@ class BoxHead(nn.Module):
         return x
 
 
+def check_decoder_only_levels(levels: Sequence[int], num_levels: int) -> Tuple[int, ...]:
+    """``MODEL.DETR.DECODER_ONLY_LEVELS`` checked against the transformer's ``num_levels``."""
+    levels = tuple(int(level) for level in levels)
+    bad = [level for level in levels if not 0 <= level < num_levels]
+    if bad:
+        raise ValueError(f"MODEL.DETR.DECODER_ONLY_LEVELS {list(levels)} names levels {bad}, but the transformer has "
+                         f"{num_levels} levels (0..{num_levels - 1}, in MODEL.DETR.IN_FEATURES order).")
+    if levels and len(set(levels)) >= num_levels:
+        raise ValueError(f"MODEL.DETR.DECODER_ONLY_LEVELS {list(levels)} leaves no level to the encoder and the "
+                         "two-stage proposals; keep at least one level out of it.")
+    return levels
+
+
 class DetrEncoder(nn.Module):
     """Encoder layers (standard or deformable) over the multi-level tokens, optional final norm.
 
@@ -73,7 +86,7 @@ class DetrEncoder(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None,
-                 sparse: Optional[SparseTokenSelector] = None):
+                 sparse: Optional[SparseTokenSelector] = None, decoder_only_levels: Sequence[int] = ()):
         super().__init__()
         if sparse is not None and num_layers < 1:
             raise ValueError("MODEL.DETR.SPARSE_ENCODER.ENABLED needs MODEL.DETR.ENC_LAYERS >= 1.")
@@ -82,7 +95,13 @@ class DetrEncoder(nn.Module):
         self.deformable = isinstance(layer, DeformableTransformerEncoderLayer)
         _reset_layer_parameters(self.layers)
         self.sparse = sparse  # None registers nothing: the state-dict keys of the dense encoder
+        #: levels whose tokens the layers never update (they stay keys / values): decoder-only levels
+        self.decoder_only_levels = tuple(sorted(set(decoder_only_levels)))
         self._outputs: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def encoded_tokens(self, tokens: MultiLevelTokens) -> Optional[torch.Tensor]:
+        """``[N]`` bool, True on the tokens of the levels the layers update; None when that is every level."""
+        return tokens.token_mask_without(self.decoder_only_levels)
 
     def _references(self, tokens: MultiLevelTokens) -> Optional[torch.Tensor]:
         """Deformable layers sample around every token's own centre on every level: ``[B, N, L, 2]``."""
@@ -95,12 +114,16 @@ class DetrEncoder(nn.Module):
         if not len(self.layers):
             return memory
         selection = None
+        encoded = self.encoded_tokens(tokens)
         if self.sparse is not None and (self.training or not self.sparse.keeps_every_token):
             logits = self.sparse.scorer(memory)
             if self.training:
                 self._outputs = {"token_scores": self.sparse.loss_inputs(logits, tokens)}
             if not self.sparse.keeps_every_token:
-                selection = self.sparse.select(logits, tokens)
+                selection = self.sparse.select(logits, tokens, eligible=encoded)
+        if selection is None and encoded is not None:  # every token of the encoded levels, padding included
+            index = encoded.nonzero().squeeze(1).expand(memory.shape[0], -1)
+            selection = TokenSelection(index, torch.ones_like(index, dtype=torch.bool))
         if selection is not None:
             memory = self.encode_selected(tokens, selection)
         else:
@@ -304,8 +327,9 @@ class DetrTransformer(nn.Module):
             decoder_layer = DeformableTransformerDecoderLayer(*deformable, **common)
         else:
             decoder_layer = TransformerDecoderLayer(c.HIDDEN_DIM, c.NHEADS, **common)
+        decoder_only = check_decoder_only_levels(c.DECODER_ONLY_LEVELS, num_levels)
         encoder = DetrEncoder(encoder_layer, c.ENC_LAYERS, nn.LayerNorm(c.HIDDEN_DIM) if c.PRE_NORM else None,
-                              sparse=SparseTokenSelector.from_config(cfg))
+                              sparse=SparseTokenSelector.from_config(cfg), decoder_only_levels=decoder_only)
         queries = build_queries(cfg, classification, num_levels)
         heads = c.SCALE_AWARE.DECODER_HEADS
         if heads not in DECODER_HEAD_KINDS:
