@@ -46,5 +46,8 @@ setup(
         "black",
         "packaging",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # export: tools/export_model.py (ONNX via torch.onnx.export(dynamo=True), which needs onnxscript;
+    # ONNX Runtime parity); openvino is optional (--openvino) and not installed by default.
+    extras_require={"test": ["pytest>=7", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+                    "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"]},
 )

@@ -3,6 +3,8 @@ heads", "Sliced inference", "Cascade refinement"): what each option costs, on th
 the hard data (``configs/Demo/detr_shapes_hard_improved.yaml``)::
 
     python benchmarks/small_objects.py --sections cost --output output/small_objects.json
+    python benchmarks/small_objects.py --sections training,sliced --iters 300 --seeds 1 2 --reuse \
+        --output output/small_objects.json SOLVER.IMS_PER_BATCH 4
 
 Sections:
 
@@ -11,14 +13,20 @@ Sections:
   other than the weights (PyTorch's ``MemTracker``: exact and repeatable, unlike RSS) and the median
   seconds per step (only meaningful on an idle machine: every row says how busy the CPU was).
 
-The training comparisons (AP on the hard data, two seeds, every option and the recommended
-combination) and sliced vs whole-image inference on large images are the issue's remaining
-measurements; they are not in this script yet.
+* ``training``: every option (and all of them together) trained ``--iters`` iterations per seed with
+  ``tools/train_net.py`` on ``shapes_hard_train`` and evaluated on ``shapes_hard_val``: AP, AP50, AP75,
+  APs, s/iter (from the training log), peak RSS; mean over the seeds. ``--reuse`` completes an
+  interrupted measurement.
+* ``sliced``: one trained model (``--weights``; default the ``training`` section's first improved-recipe
+  run) on large generated images (``--large-images`` of ``--large-size`` px, the hard data's objects of
+  6-80 px), whole-image inference (the test-time resize shrinks them) vs sliced inference
+  (``TEST.SLICED``): AP, APs and seconds per image.
 """
 import argparse
 import json
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +34,10 @@ sys.path.insert(0, _REPO_ROOT)
 
 import torch  # noqa: E402
 
+from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds  # noqa: E402
+
 HARD_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_hard_improved.yaml")
+SECTIONS = ("cost", "training", "sliced")
 FOUR_LEVELS = ["MODEL.SFP.SCALE_FACTORS", "[4.0, 2.0, 1.0, 0.5]"]
 
 # name -> config overrides
@@ -37,6 +48,76 @@ COST_OPTIONS = {
     "+ per-level proposal heads": ["MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS", "per_level"],
     "+ size-conditioned decoder heads": ["MODEL.DETR.SCALE_AWARE.DECODER_HEADS", "size_conditioned"],
 }
+
+
+# name -> config overrides of the training comparison
+TRAINING_OPTIONS = {
+    "improved recipe": [],
+    "+ stride-3.5 level, decoder only": [*FOUR_LEVELS, "MODEL.DETR.DECODER_ONLY_LEVELS", "[0]"],
+    "+ per-level proposal heads": ["MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS", "per_level"],
+    "+ size-conditioned decoder heads": ["MODEL.DETR.SCALE_AWARE.DECODER_HEADS", "size_conditioned"],
+    "+ cascade refinement": ["MODEL.DETR.REFINEMENT.ENABLED", "True"],
+}
+TRAINING_OPTIONS["all of them"] = [v for overrides in TRAINING_OPTIONS.values() for v in overrides]
+
+
+def run_name(name: str, seed: int) -> str:
+    return f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def measure_training(args) -> Dict:
+    rows = []
+    names = args.options or list(TRAINING_OPTIONS)
+    unknown = [n for n in names if n not in TRAINING_OPTIONS]
+    if unknown:
+        raise SystemExit(f"error: unknown --options {unknown}; choose from {list(TRAINING_OPTIONS)}")
+    for seed in args.seeds:
+        for name in names:
+            overrides = TRAINING_OPTIONS[name]
+            out = os.path.join(args.work_dir, run_name(name, seed))
+            r = fixed_budget_run(os.path.abspath(args.config), [*overrides, *args.opts], out, args.iters, seed,
+                                 cwd=_REPO_ROOT, reuse=args.reuse, label="small_objects")
+            rows.append({"variant": name, "seed": seed, "overrides": overrides, **r})
+            print(f"[small_objects] {name} seed {seed}: AP {r.get('AP')}", file=sys.stderr, flush=True)
+    return {"iters": args.iters, "seeds": args.seeds, "rows": rows, "summary": mean_over_seeds(rows)}
+
+
+def measure_sliced(args) -> Dict:
+    """Whole-image vs sliced inference of one trained model on large generated images."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from dinodet2.config import load_dinodet2_config
+    from dinodet2.data.shapes_hard import register_shapes_hard_dataset
+    from dinodet2.engine.checkpoint import Dinodet2Checkpointer
+    from dinodet2.engine.trainer import Trainer
+
+    weights = args.weights or os.path.join(args.work_dir, run_name("improved recipe", args.seeds[0]), "model_final.pth")
+    name = f"shapes_hard_large_{args.large_size}"
+    if name not in DatasetCatalog.list():
+        register_shapes_hard_dataset(name, os.path.join(args.work_dir, "large_images"), f"large{args.large_size}",
+                                     args.large_images, seed=7, min_size=args.large_size * 7 // 8,
+                                     max_size=args.large_size)
+    settings = {"whole image (test-time resize)": [],
+                f"sliced: {args.tile_size} px tiles, overlap {args.overlap}, + whole image":
+                    ["TEST.SLICED.ENABLED", "True", "TEST.SLICED.TILE_SIZE", str(args.tile_size),
+                     "TEST.SLICED.OVERLAP", str(args.overlap)]}
+    rows = []
+    for label, overrides in settings.items():
+        cfg = load_dinodet2_config(args.config, [*args.opts, *overrides, "DATASETS.TEST", f"('{name}',)",
+                                                 "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
+                                                 "OUTPUT_DIR", os.path.join(args.work_dir, "sliced_eval")])
+        model = build_model(cfg)
+        Dinodet2Checkpointer(model).load(weights)
+        model.eval()
+        print(f"[small_objects] sliced: {label} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        results = Trainer.test(cfg, model)
+        seconds = time.perf_counter() - start
+        bbox = results[name]["bbox"] if name in results else results["bbox"]
+        rows.append({"setting": label, "AP": bbox["AP"], "AP50": bbox["AP50"], "APs": bbox["APs"],
+                     "s_per_image": seconds / args.large_images})
+    return {"weights": weights, "images": args.large_images, "size": args.large_size, "rows": rows}
 
 
 def measure_cost(config: str, options: Dict[str, List[str]], opts: Sequence[str], image_size: Sequence[int],
@@ -81,7 +162,32 @@ def measure_cost(config: str, options: Dict[str, List[str]], opts: Sequence[str]
 
 
 def format_markdown(result: Dict) -> str:
-    c = result["cost"]
+    lines: List[str] = []
+    if "cost" in result:
+        lines += _format_cost(result["cost"])
+    if "training" in result:
+        t = result["training"]
+        lines += ["", f"{t['iters']} iterations per run, seeds {t['seeds']} (mean; AP per seed in brackets):", "",
+                  "| option | AP | AP50 | AP75 | APs | s/iter | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+        for r in t["summary"]:
+            per = "/".join(f"{v:.2f}" for v in r["AP_per_seed"])
+            lines.append(f"| {r['variant']} | {_f(r['AP'])} ({per}) | {_f(r['AP50'])} | {_f(r['AP75'])} | "
+                         f"{_f(r['APs'])} | {_f(r['s_per_iter'], 3)} | {_f(r['peak_rss_mib'], 0)} |")
+    if "sliced" in result:
+        sl = result["sliced"]
+        lines += ["", f"{sl['images']} generated images, sides {sl['size'] * 7 // 8}-{sl['size']} px ({sl['weights']}):", "",
+                  "| inference | AP | AP50 | APs | s/image |", "|---|---|---|---|---|"]
+        for r in sl["rows"]:
+            lines.append(f"| {r['setting']} | {_f(r['AP'])} | {_f(r['AP50'])} | {_f(r['APs'])} | "
+                         f"{r['s_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
+def _f(value: Optional[float], digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _format_cost(c: Dict) -> List[str]:
     lines = [f"Synthetic batch of {c['batch']} at {c['image_size'][0]} x {c['image_size'][1]}, median of {c['iters']}:",
              "", "| option | GFLOPs/img | tensor peak, train step (MiB) | tensor peak, inference (MiB) | "
              "train s/iter | inference s/iter | other CPU load (cores) |", "|---|---|---|---|---|---|---|"]
@@ -91,30 +197,46 @@ def format_markdown(result: Dict) -> str:
         lines.append(f"| {r['name']} | {r['gflops_per_image']:.2f} | {train_peak} | "
                      f"{r['tensor_peak_inference_mib']:.0f} | {r['train']['s_per_iter']:.3f} | "
                      f"{r['inference']['s_per_iter']:.3f} | {load:.1f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="cost", help="comma list of: cost")
+    p.add_argument("--sections", default="cost", help=f"comma list of: {', '.join(SECTIONS)}")
     p.add_argument("--config", default=HARD_CONFIG)
     p.add_argument("--image-size", type=int, nargs=2, default=[352, 480])
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3, help="cost: timed steps; training: iterations per run")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--options", nargs="+", default=None, help="training section: the options to run (default: all)")
+    p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "small_objects"))
+    p.add_argument("--reuse", action="store_true", help="read finished training runs instead of running them again")
+    p.add_argument("--weights", default=None, help="sliced section: the trained model (default: see the docstring)")
+    p.add_argument("--large-images", type=int, default=20)
+    p.add_argument("--large-size", type=int, default=2048)
+    p.add_argument("--tile-size", type=int, default=320)
+    p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--output", default=None, metavar="JSON")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if set(sections) - {"cost"}:
-        sys.exit(f"error: unknown sections {sorted(set(sections) - {'cost'})}; this script has: cost")
+    if set(sections) - set(SECTIONS):
+        sys.exit(f"error: unknown sections {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     torch.set_num_threads(args.threads)
     result: Dict = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "torch": torch.__version__}
     if "cost" in sections:
         result["cost"] = {"image_size": args.image_size, "batch": args.batch, "iters": args.iters,
                           "rows": measure_cost(args.config, COST_OPTIONS, args.opts, args.image_size, args.batch,
                                                args.iters, args.warmup)}
+    for section, measure in (("training", measure_training), ("sliced", measure_sliced)):
+        if section in sections:
+            result[section] = measure(args)
+            if args.output:  # keep what is measured so far
+                os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                with open(args.output, "w") as f:
+                    json.dump(result, f, indent=2)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -20,22 +20,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
 
-from dinodet2.benchmarking.training_runs import (  # noqa: E402
-    bbox_metrics,
-    fixed_budget_overrides,
-    median_iteration_seconds,
-    read_metrics_records,
-    train_net_command,
-)
+from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds  # noqa: E402
 
 HARD_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_hard_improved.yaml")
 # The teacher: the same recipe and pyramid (feature distillation pairs levels of equal stride) with a
@@ -62,36 +53,8 @@ def variants(teacher_config: str, teacher_weights: str, teacher_opts: Sequence[s
     }
 
 
-def run(cmd: Sequence[str], log_path: str) -> Dict:
-    """Run ``cmd`` from the repository root, its output in ``log_path``; wall seconds and peak RSS (MiB)
-    of the process (``wait4``'s rusage, so the run's own peak, not the largest of all children)."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(cmd), cwd=_REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_path}")
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
-
-
 def train(config: str, overrides: Sequence[str], out: str, iters: int, seed: int, reuse: bool = False) -> Dict:
-    """One ``tools/train_net.py`` run of ``iters`` iterations into ``out``, evaluated at its end. With
-    ``reuse``, a finished run already in ``out`` (its ``result.json``) is read instead of run again."""
-    done = os.path.join(out, "result.json")
-    if reuse and os.path.isfile(done):
-        with open(done) as f:
-            return json.load(f)
-    os.makedirs(out, exist_ok=True)
-    cmd = train_net_command(config, [*overrides, *fixed_budget_overrides(iters, out), "SEED", str(seed),
-                                     "TEST.EVAL_PERIOD", "0"])
-    print(f"[training_signals] {' '.join(cmd)}", file=sys.stderr, flush=True)
-    measured = run(cmd, os.path.join(out, "run.log"))
-    records = read_metrics_records(out)
-    result = {**measured, "s_per_iter": median_iteration_seconds(records), **bbox_metrics(records)}
-    with open(done, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return fixed_budget_run(config, overrides, out, iters, seed, cwd=_REPO_ROOT, reuse=reuse, label="training_signals")
 
 
 def export_teacher_vit(config: str, overrides: Sequence[str], weights: str, folder: str) -> str:
@@ -130,20 +93,6 @@ def measure_speed(config: str, table: Dict[str, List[str]], opts: Sequence[str],
                        "peak_memory_kind": r["peak_memory_kind"],
                        "other_processes_cpu_cores": r["other_processes_cpu_cores"]}
     return speed
-
-
-def summarise(rows: List[Dict]) -> List[Dict]:
-    """Per variant: mean (and per-seed values) of the metrics over its seeds."""
-    out = []
-    for name in dict.fromkeys(r["variant"] for r in rows):
-        runs = [r for r in rows if r["variant"] == name]
-        entry = {"variant": name, "seeds": [r["seed"] for r in runs]}
-        for key in ("AP", "AP50", "AP75", "APs", "s_per_iter", "peak_rss_mib"):
-            values = [r[key] for r in runs if r.get(key) is not None]
-            entry[key] = statistics.mean(values) if values else None
-            entry[key + "_per_seed"] = values
-        out.append(entry)
-    return out
 
 
 def format_markdown(result: Dict) -> str:
@@ -216,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             result["rows"].append(row)
             print(f"[training_signals] {name} seed {seed}: AP {_f(row.get('AP'))} s/iter {_f(row['s_per_iter'], 3)}",
                   file=sys.stderr, flush=True)
-            result["summary"] = summarise(result["rows"])
+            result["summary"] = mean_over_seeds(result["rows"])
             if args.output:
                 with open(args.output, "w") as f:
                     json.dump(result, f, indent=2)

@@ -116,3 +116,13 @@ def make_train_batch():
          "instances": make_instances(70, 98, [[5, 5, 40, 50], [50, 10, 90, 60]], [0, 2])},
         {"image": torch.rand(3, 56, 56) * 255, "instances": make_instances(56, 56, [[10, 12, 30, 40]], [1])},
     ]
+
+
+def load_tool(name):
+    """The module of ``tools/<name>.py`` (tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool

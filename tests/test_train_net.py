@@ -238,6 +238,10 @@ def test_checkpoint_loads_with_weights_only(trained):
     ckpt = _load_checkpoint(out / "model_final.pth")
     assert "model" in ckpt and "iteration" in ckpt, sorted(ckpt)
     assert ckpt["iteration"] == 5
+    from detectron2.data import MetadataCatalog
+
+    # the training dataset's class names travel with the model (tools/demo.py names detections)
+    assert ckpt["thing_classes"] == MetadataCatalog.get("shapes_train").thing_classes
     model = ckpt["model"]
     assert model and all(isinstance(v, torch.Tensor) for v in model.values())
     assert any(".lora_" in k for k in model), "LoRA adapter weights missing from the checkpoint"

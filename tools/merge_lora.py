@@ -6,7 +6,8 @@ plain checkpoint), merges every adapter into its base layer (``W + scale * B @ A
 checks that the merged model's raw outputs (class logits and boxes of every query) match the adapted model's on a fixed input, times inference
 before and after, and writes to ``--output-dir``:
 
-* ``model_merged.pth``: a plain checkpoint (``{"model": state_dict}``) without any LoRA tensors;
+* ``model_merged.pth``: a plain checkpoint (``{"model": state_dict}``) without any LoRA tensors, with
+  the class names of ``--weights`` (or of the config's registered training dataset) carried over;
 * ``config.yaml``: the same config with ``MODEL.LORA.ENABLED False`` and ``MODEL.WEIGHTS`` set to
   the merged checkpoint, ready for ``tools/train_net.py --eval-only`` or ``DefaultPredictor``;
 * ``merge_report.json``: number of merged layers, max abs output difference, timings.
@@ -31,6 +32,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
+from dinodet2.engine.checkpoint import CLASS_NAMES, class_names_of, training_class_names  # noqa: E402
 from dinodet2.engine.atomic_file import write_atomically  # noqa: E402
 from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
 
@@ -69,7 +71,11 @@ def merge(cfg, weights, output_dir, image_size=224, iters=5):
     weights_out = os.path.join(output_dir, "model_merged.pth")
     # training-only parts (e.g. the token-alignment projector) are left out of the merged model
     state = model.inference_state_dict() if hasattr(model, "inference_state_dict") else model.state_dict()
-    write_atomically(weights_out, lambda f: torch.save({"model": state}, f))  # never a half-written file
+    checkpoint = {"model": state}
+    class_names = class_names_of(weights) or training_class_names(cfg)  # carried over for tools/demo.py
+    if class_names:
+        checkpoint[CLASS_NAMES] = class_names
+    write_atomically(weights_out, lambda f: torch.save(checkpoint, f))  # never a half-written file
     merged_cfg = copy.deepcopy(cfg)
     merged_cfg.defrost()
     merged_cfg.MODEL.LORA.ENABLED = False

@@ -15,32 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.data import check_datasets_exist  # noqa: E402
-from dinodet2.engine import Dinodet2Checkpointer, compile_model  # noqa: E402
-from dinodet2.inference import SlicedPredictor  # noqa: E402
-
-
-def build_predictor(cfg):
-    """DefaultPredictor (preprocessing, single-image inference) with the weights loaded by
-    Dinodet2Checkpointer instead of Detectron2's checkpointer (which unpickles .pkl files), and its
-    model compiled as in training with ``MODEL.COMPILE.ENABLED``. With ``TEST.SLICED.ENABLED``:
-    :class:`SlicedPredictor` (tiles of the original image; same checkpointer)."""
-    if cfg.TEST.SLICED.ENABLED:
-        predictor = SlicedPredictor(cfg)
-        compile_model(cfg, predictor.model)
-        return predictor
-    without_weights = cfg.clone()
-    without_weights.defrost()
-    without_weights.MODEL.WEIGHTS = ""
-    without_weights.freeze()
-    predictor = DefaultPredictor(without_weights)
-    Dinodet2Checkpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
-    compile_model(cfg, predictor.model)
-    return predictor
+from dinodet2.engine import build_predictor  # noqa: E402
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
 from .atomic_file import remove_interrupted_writes, write_atomically
+from .weights_compatibility import drop_incompatible_weights
 from .weights_file import WeightsFileError, read_checkpoint_file, require_weights_file
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,32 @@ def find_non_finite_tensors(data: Any, prefix: str = "") -> List[str]:
     return found
 
 
+# Checkpoint key of the class names (``thing_classes`` of the first training dataset), written by
+# Dinodet2Checkpointer.save when it knows the config, so that predictions on new images can be
+# named without registering the training dataset again.
+CLASS_NAMES = "thing_classes"
+
+
+def training_class_names(cfg) -> Optional[List[str]]:
+    """``thing_classes`` of ``cfg.DATASETS.TRAIN[0]`` if that dataset's metadata is registered and
+    has them, else None."""
+    from detectron2.data import MetadataCatalog
+
+    if not cfg.DATASETS.TRAIN or cfg.DATASETS.TRAIN[0] not in MetadataCatalog.list():
+        return None
+    names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+    return [str(n) for n in names] if names else None
+
+
+def class_names_of(checkpoint_path: str) -> Optional[List[str]]:
+    """The class names a checkpoint was saved with (:data:`CLASS_NAMES`), or None for a checkpoint
+    without them (written before they were stored, without a config, or not by dinodet2).
+    The file is read safely (:func:`.weights_file.read_checkpoint_file`)."""
+    data = read_checkpoint_file(checkpoint_path)
+    names = data.get(CLASS_NAMES) if isinstance(data, dict) else None
+    return [str(n) for n in names] if names else None
+
+
 # What Detectron2's PeriodicCheckpointer writes: model_<iteration, 7 digits>.pth and model_final.pth.
 _PERIODIC_CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
 
@@ -116,6 +143,9 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
     ``resume_or_load(path, resume=True)`` first removes temporary files of interrupted writes from
     the save dir (main process), then, if ``last_checkpoint`` names a file that is missing or
     unreadable, warns and resumes from the newest readable ``model_*.pth`` instead.
+
+    Class names: given ``cfg``, ``save`` also stores ``thing_classes`` of ``cfg.DATASETS.TRAIN[0]``
+    (when registered) under :data:`CLASS_NAMES`; :func:`class_names_of` reads them back.
 
     Published weights (:meth:`publish_weights`, e.g. the EMA of the weights): a checkpoint's
     ``"model"`` holds them in place of the model's own entries, which are kept under
@@ -154,6 +184,9 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
                 data["config"] = self.cfg.dump()
         else:
             data = {"model": self.model.state_dict()}
+        class_names = training_class_names(self.cfg) if self.cfg is not None else None
+        if class_names:
+            data[CLASS_NAMES] = class_names  # read back by class_names_of (tools/demo.py)
         if self._published_weights is not None:
             published = {k: v for k, v in self._published_weights().items() if k in data["model"]}
             data[TRAINING_WEIGHTS] = {k: data["model"][k] for k in published}
@@ -297,6 +330,13 @@ class Dinodet2Checkpointer(DetectionCheckpointer):
             checkpoint["model"] = remap_lora_keys(checkpoint["model"], self.model.state_dict().keys())
             if checkpoint.get("dinodet2_format") == TRAINABLE_ONLY:
                 checkpoint["model"] = self._complete_trainable_only(checkpoint["model"])
+            # other NUM_CLASSES: class heads re-initialised (one warning); another backbone: refused
+            reinitialised = drop_incompatible_weights(checkpoint["model"], self.model,
+                                                      resuming=self._restoring_training_state)
+            incompatible = super()._load_model(checkpoint)
+            # already reported: not again among fvcore's "missing keys"
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in reinitialised]
+            return incompatible
         return super()._load_model(checkpoint)
 
     def _complete_trainable_only(self, state: Dict) -> Dict:

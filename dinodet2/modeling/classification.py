@@ -14,7 +14,7 @@ The matcher, the criterion, the meta-architecture's class heads and the two-stag
 this object instead of branching on the loss name.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,27 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 __all__ = ["CLASS_LOSSES", "Classification", "SigmoidClassification", "SoftmaxClassification",
-           "build_classification", "varifocal_loss"]
+           "build_classification", "class_dependent_parameter_names", "mark_class_dependent", "varifocal_loss"]
 
 CLASS_LOSSES = ("ce", "focal", "varifocal")
+
+#: attribute set (True) on the modules whose weights have one row per class (class heads, the
+#: denoising label embedding): fine-tuning with another MODEL.DETR.NUM_CLASSES re-initialises them.
+CLASS_DEPENDENT = "dinodet2_class_dependent"
+
+
+def mark_class_dependent(module: nn.Module) -> nn.Module:
+    """Mark ``module`` as one whose weights depend on the number of classes (returns it)."""
+    setattr(module, CLASS_DEPENDENT, True)
+    return module
+
+
+def class_dependent_parameter_names(model: nn.Module) -> List[str]:
+    """The ``state_dict()`` names of ``model``'s weights inside modules marked by
+    :func:`mark_class_dependent` (every class head made by :meth:`Classification.head`, ...)."""
+    prefixes = tuple(f"{name}." for name, module in model.named_modules()
+                     if name and getattr(module, CLASS_DEPENDENT, False))
+    return [key for key in model.state_dict() if key.startswith(prefixes)] if prefixes else []
 
 
 class Classification(nn.Module):
@@ -54,10 +72,11 @@ class Classification(nn.Module):
         return f"{self.name!r}, num_classes={self.num_classes}"
 
     def head(self, dim: int) -> nn.Linear:
-        """A class head ``Linear(dim, num_logits)`` with this reading's bias prior."""
+        """A class head ``Linear(dim, num_logits)`` with this reading's bias prior, marked class
+        dependent (:func:`mark_class_dependent`)."""
         head = nn.Linear(dim, self.num_logits)
         self.init_bias(head.bias)
-        return head
+        return mark_class_dependent(head)
 
     def init_bias(self, bias: Tensor) -> None:
         """Initialise a class head's bias (default: PyTorch's)."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import box_convert
 
+from .classification import mark_class_dependent
 
 __all__ = ["DenoisingQueries", "DenoisingGenerator", "denoising_attention_mask"]
 
@@ -107,7 +108,7 @@ class DenoisingGenerator(nn.Module):
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
         self.contrastive = contrastive
-        self.label_embed = nn.Embedding(num_classes, d_model)
+        self.label_embed = mark_class_dependent(nn.Embedding(num_classes, d_model))
 
     @classmethod
     def from_config(cls, cfg) -> Optional["DenoisingGenerator"]:

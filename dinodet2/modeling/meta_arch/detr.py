@@ -4,7 +4,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
@@ -12,7 +11,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
 from ...config import IMAGENET_PIXEL_MEAN_RGB
-from ..classification import Classification, classification_from_config
+from ..classification import Classification, class_dependent_parameter_names, classification_from_config
 from ..criterion import SetCriterion
 from ..denoising import DenoisingGenerator, DenoisingQueries
 from ..refinement import CascadeRefinement
@@ -161,6 +160,12 @@ class DETR(nn.Module):
         merged or exported model keeps."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.TRAINING_ONLY_PREFIXES)}
 
+    def class_dependent_parameter_names(self) -> List[str]:
+        """State-dict names of the weights with one row per class (the class heads of the decoder
+        layers, of the two-stage proposals and of cascade rescoring, the denoising label embedding):
+        what a checkpoint trained with another MODEL.DETR.NUM_CLASSES cannot provide."""
+        return class_dependent_parameter_names(self)
+
     def no_weight_decay(self):
         return {"level_embed"} if self.level_embed is not None else set()
 
@@ -235,7 +240,7 @@ class DETR(nn.Module):
         srcs, poss, level_masks = [], [], []
         for lvl, (name, proj) in enumerate(zip(self.in_features, self.input_proj)):
             feat = features[name]
-            m = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+            m = _nearest_mask(mask, feat.shape[-2], feat.shape[-1])
             pos = self.position_encoding(m).to(feat.dtype)
             if self.level_embed is not None:
                 pos = pos + self.level_embed[lvl].view(1, -1, 1, 1).to(feat.dtype)
@@ -347,6 +352,15 @@ class DETR(nn.Module):
             result.pred_classes = labels
             results.append(result)
         return results
+
+
+def _nearest_mask(mask: torch.Tensor, height, width) -> torch.Tensor:
+    """``[B, H, W]`` padding mask -> ``[B, height, width]`` by nearest neighbour (row ``i`` reads
+    ``floor(i * H / height)``, as ``F.interpolate(mode="nearest")``), in integer arithmetic: an
+    exported graph's float ``Resize`` rounds ``7 / (8 / 112)`` to 97 and misplaces the padding edge."""
+    rows = torch.arange(height, device=mask.device) * mask.shape[-2] // height
+    cols = torch.arange(width, device=mask.device) * mask.shape[-1] // width
+    return mask[:, rows[:, None], cols[None, :]]
 
 
 def _check_pixel_statistics(cfg) -> None:

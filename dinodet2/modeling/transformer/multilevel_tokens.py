@@ -39,9 +39,15 @@ class MultiLevelTokens:
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) for p in poss], 1)
         mask = torch.cat([m.flatten(1) for m in level_masks], 1)
-        shapes = torch.tensor([m.shape[-2:] for m in level_masks], dtype=torch.int64, device=src.device)
-        shapes.level_sizes = tuple((int(m.shape[-2]), int(m.shape[-1])) for m in level_masks)  # read by _level_sizes
-        return cls(src, pos, level_masks, mask if bool(mask.any()) else None, shapes,
+        # Python ints in eager; symbolic sizes (not int()-specialised) when exported with a dynamic size
+        level_sizes = tuple((m.shape[-2], m.shape[-1]) for m in level_masks)
+        shapes = torch.tensor(level_sizes, dtype=torch.int64, device=src.device)
+        shapes.level_sizes = level_sizes  # read by _level_sizes
+        # No padding: drop the mask (attention's fused path). Exported graphs (torch.export) keep it:
+        # whether an input has padding is data, not a property of the graph.
+        exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)  # torch >= 2.5
+        keep = (exporting is not None and exporting()) or bool(mask.any())
+        return cls(src, pos, level_masks, mask if keep else None, shapes,
                    valid_ratios(level_masks).to(src.dtype))
 
     @property

@@ -1,0 +1,119 @@
+"""ONNX export of :class:`.ExportableDETR`, ONNX Runtime parity and the training-only-parts check.
+
+``torch.onnx.export(..., dynamo=True)`` (the ``torch.export``-based exporter) is used; opset 17 is the
+default (``GridSample``, which deformable attention's ``F.grid_sample`` becomes, needs opset >= 16).
+"""
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .exportable import ExportableDETR
+
+__all__ = ["TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "onnx_parity", "onnxruntime_outputs",
+           "training_only_names"]
+
+#: Substrings of parameter / initializer names that only training uses: denoising (``denoising.``,
+#: its ``label_embed``), the auxiliary training signals (token alignment, distillation heads), LoRA
+#: adapters (merged before export) and the frozen distillation teacher. None may appear in the graph.
+TRAINING_ONLY_NAME_PARTS = ("denoising", "label_embed", "training_signals", "teacher", "lora_")
+
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+#: upper bound of a dynamic height / width (pixels)
+MAX_DYNAMIC_SIZE = 4096
+
+
+def export_onnx(model: torch.nn.Module, path: str, height: int, width: int, *, dynamic: bool = False,
+                opset: int = 18) -> ExportableDETR:
+    """Write ``model`` (an eval-mode DETR, adapters already merged) as ONNX to ``path`` for a
+    ``[1, 3, height, width]`` input; ``dynamic``: height and width are symbolic (any size from
+    ``size_divisibility + 1`` to :data:`MAX_DYNAMIC_SIZE`). Returns the wrapper that was exported."""
+    if opset < 16:
+        raise ValueError(f"--opset {opset}: deformable attention needs ONNX GridSample (opset >= 16); use 17 or more.")
+    wrapper = ExportableDETR(model).eval()
+    example = torch.rand(1, 3, height, width) * 255
+    dynamic_shapes = None
+    if dynamic:
+        # more than size_divisibility pixels per side, i.e. at least two tokens per side on the coarsest
+        # level: a 1-token level is a different graph (size-1 broadcasting) the exporter cannot cover
+        smallest = model.backbone.size_divisibility + 1
+        dynamic_shapes = ({2: torch.export.Dim("height", min=smallest, max=MAX_DYNAMIC_SIZE),
+                           3: torch.export.Dim("width", min=smallest, max=MAX_DYNAMIC_SIZE)},)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset, input_names=["image"],
+                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes,
+                                    external_data=False, verbose=False)
+    program.save(path)
+    return wrapper
+
+
+def onnxruntime_outputs(path: str, image: torch.Tensor) -> Tuple[np.ndarray, ...]:
+    """``(boxes, scores, labels)`` of the ONNX model at ``path`` on ``image`` [1, 3, H, W] (CPU)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return tuple(session.run(list(OUTPUT_NAMES), {"image": image.numpy().astype(np.float32)}))
+
+
+def onnx_parity(wrapper: torch.nn.Module, path: str, images: Iterable[torch.Tensor]) -> Dict[str, float]:
+    """Run PyTorch (``wrapper``) and ONNX Runtime (``path``) on every image; detections are compared
+    per query in score order. Returns ``max_score_diff``, ``max_box_diff`` (input pixels) and
+    ``label_mismatches`` (top-k positions whose label differs; ties in score can swap two)."""
+    score_diff = box_diff = 0.0
+    mismatches = 0
+    for image in images:
+        with torch.no_grad():
+            boxes, scores, labels = (t.numpy() for t in wrapper(image))
+        o_boxes, o_scores, o_labels = onnxruntime_outputs(path, image)
+        if o_scores.shape != scores.shape:
+            raise AssertionError(f"ONNX returned {o_scores.shape[0]} detections, PyTorch {scores.shape[0]}")
+        score_diff = max(score_diff, float(np.abs(o_scores - scores).max(initial=0.0)))
+        box_diff = max(box_diff, float(np.abs(o_boxes - boxes).max(initial=0.0)))
+        mismatches += int((o_labels != labels).sum())
+    return {"max_score_diff": score_diff, "max_box_diff": box_diff, "label_mismatches": mismatches}
+
+
+def training_only_names(path: str, model: Optional[torch.nn.Module] = None,
+                        parts: Sequence[str] = TRAINING_ONLY_NAME_PARTS) -> List[str]:
+    """What of the training-only parts is in the ONNX graph at ``path`` (an empty list: nothing).
+
+    By name: initializers, nodes and values whose name contains one of ``parts``. By value (with
+    ``model``, the exported one): every parameter / buffer of ``model`` whose name contains one of
+    ``parts`` is looked for among the initializers, as is or transposed (the exporter renames
+    weights it folds or transposes, so a name check alone could miss them); found ones are listed
+    as ``"value of <name>"``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    names = [i.name for i in graph.initializer] + [n.name for n in graph.node]
+    names += [v for n in graph.node for v in list(n.input) + list(n.output)]
+    found = sorted({name for name in names if any(part in name for part in parts)})
+    if model is not None:
+        arrays = [numpy_helper.to_array(i) for i in graph.initializer]
+        for name, tensor in model.state_dict().items():
+            if not any(part in name for part in parts) or tensor.numel() < 2:
+                continue
+            value = tensor.detach().cpu().numpy()
+            if any(_same(a, value) or (value.ndim == 2 and _same(a, value.T)) for a in arrays):
+                found.append(f"value of {name}")
+    return found
+
+
+def _same(array: np.ndarray, value: np.ndarray) -> bool:
+    return array.shape == value.shape and array.dtype == value.dtype and np.array_equal(array, value)
+
+
+def convert_to_openvino(onnx_path: str, xml_path: Optional[str] = None) -> str:
+    """Convert the ONNX file to OpenVINO IR (``.xml`` + ``.bin``); returns the ``.xml`` path."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise SystemExit("--openvino needs the 'openvino' package: pip install openvino "
+                         f"(the ONNX file {onnx_path} is written and usable without it).") from e
+    xml_path = xml_path or os.path.splitext(onnx_path)[0] + ".xml"
+    openvino.save_model(openvino.convert_model(onnx_path), xml_path)
+    return xml_path

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Export a trained model to ONNX (and optionally OpenVINO IR), with an ONNX Runtime parity check.
+
+Builds the model of ``--config-file`` (+ overrides), loads ``--weights`` (full, trainable-only or
+merged checkpoint), merges its LoRA adapters into the DINOv2 weights, and writes the single-image
+graph of :class:`dinodet2.export.ExportableDETR` to ``--output``: input ``image`` ``[1, 3, H, W]``
+float in ``INPUT.FORMAT`` (0-255, already resized), outputs ``boxes`` ``[K, 4]`` (XYXY, input
+pixels), ``scores`` ``[K]``, ``labels`` ``[K]``; normalisation, padding and the top-k
+(``TEST.DETECTIONS_PER_IMAGE``) are inside the graph. The exporter is ``torch.onnx.export(...,
+dynamo=True)``, opset 18 by default (deformable attention needs ``GridSample``, opset >= 16).
+
+``--check`` runs ONNX Runtime and PyTorch on random images of the export size (with ``--dynamic``
+also on other sizes) and prints max |Δscore| and max |Δbox|, and lists the graph names that
+contain a training-only part (:data:`dinodet2.export.TRAINING_ONLY_NAME_PARTS`; none expected).
+
+Example::
+
+    python tools/export_model.py --config-file output/demo/config.yaml --weights output/demo/model_final.pth \\
+        --output output/demo/model.onnx --check [--openvino]
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from dinodet2.config import load_dinodet2_config  # noqa: E402
+from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
+from dinodet2.export import (TRAINING_ONLY_NAME_PARTS, convert_to_openvino, export_onnx, onnx_parity,  # noqa: E402
+                             training_only_names)
+from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
+
+
+def check_sizes(height, width, divisor, dynamic):
+    """The export size, plus (dynamic) two others that need padding: by half a divisor (the image
+    edge then falls exactly on a token edge of the finer levels, where a float nearest resize of the
+    padding mask goes wrong) and by one pixel less than a divisor."""
+    sizes = [(height, width)]
+    if dynamic:
+        def half_past(n):
+            return -(-n // divisor) * divisor + divisor // 2
+        sizes += [(half_past(height), half_past(width)), (height + divisor + 1, width + 2 * divisor + 1)]
+    return sizes
+
+
+def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, openvino=False, check=False, seed=0):
+    """Export ``cfg``'s model with ``weights`` to ``output``; returns a report dict (paths, sizes and,
+    with ``check``, the parity numbers per checked size and the training-only names found)."""
+    model = build_model(cfg).eval()
+    if weights:
+        Dinodet2Checkpointer(model).load(weights)
+    merged = merge_lora_(model)
+    wrapper = export_onnx(model, output, height, width, dynamic=dynamic, opset=opset)
+    report = {"onnx": os.path.abspath(output), "opset": opset, "merged_lora_layers": merged,
+              "input_size": [height, width], "dynamic": dynamic}
+    if check:
+        g = torch.Generator().manual_seed(seed)
+        report["parity"] = []
+        for h, w in check_sizes(height, width, model.backbone.size_divisibility, dynamic):
+            numbers = onnx_parity(wrapper, output, [torch.rand(1, 3, h, w, generator=g) * 255])
+            report["parity"].append({"size": [h, w], **numbers})
+        report["training_only_names"] = training_only_names(output, model)
+    if openvino:
+        report["openvino"] = convert_to_openvino(output)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="checkpoint (full, trainable-only or merged); default: MODEL.WEIGHTS")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--height", type=int, default=0, help="input height (default: INPUT.MIN_SIZE_TEST)")
+    parser.add_argument("--width", type=int, default=0, help="input width (default: INPUT.MAX_SIZE_TEST)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="symbolic height / width (see the README for which sizes match PyTorch)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16 for GridSample)")
+    parser.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (.xml/.bin) next to it")
+    parser.add_argument("--check", action="store_true", help="ONNX Runtime vs PyTorch parity + training-only check")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+    cfg = load_dinodet2_config(args.config_file, args.opts)
+    report = export(cfg, args.weights or cfg.MODEL.WEIGHTS, args.output, args.height or cfg.INPUT.MIN_SIZE_TEST,
+                    args.width or cfg.INPUT.MAX_SIZE_TEST, dynamic=args.dynamic, opset=args.opset,
+                    openvino=args.openvino, check=args.check)
+    print(f"wrote {report['onnx']} (opset {args.opset}, input 1x3x{report['input_size'][0]}x{report['input_size'][1]}"
+          f"{', dynamic height/width' if args.dynamic else ''}; {report['merged_lora_layers']} LoRA layers merged)")
+    for p in report.get("parity", []):
+        print(f"parity at {p['size'][0]}x{p['size'][1]}: max |Δscore| {p['max_score_diff']:.3g}, "
+              f"max |Δbox| {p['max_box_diff']:.3g} px, label mismatches {p['label_mismatches']}")
+    if args.check:
+        found = report["training_only_names"]
+        print("training-only parts in the graph: " + (", ".join(found) if found else "none") +
+              f" (checked name parts: {', '.join(json.dumps(p) for p in TRAINING_ONLY_NAME_PARTS)})")
+    if "openvino" in report:
+        print(f"wrote OpenVINO IR {report['openvino']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
