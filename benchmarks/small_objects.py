@@ -23,7 +23,6 @@ Sections:
   (``TEST.SLICED``): AP, APs and seconds per image.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, _REPO_ROOT)
 
 import torch  # noqa: E402
 
-from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds  # noqa: E402
+from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds, write_json  # noqa: E402
 
 HARD_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_hard_improved.yaml")
 SECTIONS = ("cost", "training", "sliced")
@@ -126,7 +125,7 @@ def measure_cost(config: str, options: Dict[str, List[str]], opts: Sequence[str]
 
     from dinodet2.benchmarking import run_benchmark
     from dinodet2.benchmarking.model_benchmark import make_synthetic_batch, seed_everything
-    from dinodet2.benchmarking.windowed_vit import tensor_peak_mib
+    from dinodet2.benchmarking.measurement import tensor_peak_mib
     from dinodet2.config import load_dinodet2_config
 
     rows = []
@@ -152,10 +151,7 @@ def measure_cost(config: str, options: Dict[str, List[str]], opts: Sequence[str]
             with torch.no_grad():
                 model([{k: v for k, v in x.items() if k != "instances"} for x in data])
 
-        try:
-            row["tensor_peak_train_mib"] = tensor_peak_mib(train_step, model)
-        except AssertionError:  # MemTracker's module hooks and some training graphs (torch 2.14): not counted
-            row["tensor_peak_train_mib"] = None
+        row["tensor_peak_train_mib"] = tensor_peak_mib(train_step, model)  # None: not counted
         row["tensor_peak_inference_mib"] = tensor_peak_mib(inference_step, model, inference=True)
         rows.append(row)
     return rows
@@ -234,13 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if section in sections:
             result[section] = measure(args)
             if args.output:  # keep what is measured so far
-                os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-                with open(args.output, "w") as f:
-                    json.dump(result, f, indent=2)
+                write_json(args.output, result)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.output, result)
     print(format_markdown(result))
     return result
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
 
-from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds  # noqa: E402
+from dinodet2.benchmarking.training_runs import fixed_budget_run, mean_over_seeds, write_json  # noqa: E402
 
 HARD_CONFIG = os.path.join(_REPO_ROOT, "configs", "Demo", "detr_shapes_hard_improved.yaml")
 # The teacher: the same recipe and pyramid (feature distillation pairs levels of equal stride) with a
@@ -167,15 +167,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                   file=sys.stderr, flush=True)
             result["summary"] = mean_over_seeds(result["rows"])
             if args.output:
-                with open(args.output, "w") as f:
-                    json.dump(result, f, indent=2)
+                write_json(args.output, result)
     if args.speed:
         batch = int(dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.IMS_PER_BATCH", 8))
         result["speed"] = measure_speed(config, {n: table[n] for n in names}, args.opts, args.speed_image_size, batch,
                                         args.speed_iters, warmup=2)
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=2)
+            write_json(args.output, result)
     print(format_markdown(result))
     return result
 

@@ -1,7 +1,6 @@
 """Checkpoint safety: weights files are read without running code from them, unreadable files
 fail with one clear error naming them, checkpoints are written atomically and never with NaN/Inf,
 and ``--resume`` falls back to the newest readable checkpoint."""
-import importlib.util
 import io
 import logging
 import os
@@ -21,7 +20,7 @@ import dinodet2.engine.checkpoint as checkpoint_module
 from dinodet2.engine import Dinodet2Checkpointer
 from dinodet2.engine.weights_file import WeightsFileError, read_checkpoint_file
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_OPTS = ["MODEL.DINOV2.HIDDEN_SIZE", "32", "MODEL.DINOV2.NUM_LAYERS", "2", "MODEL.DINOV2.NUM_HEADS", "2",
@@ -146,13 +145,6 @@ def checkpoint_log():
         lg.setLevel(level)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. no code runs from a weights file
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +173,7 @@ def test_resume_or_load_refuses_a_pickle_payload(malicious, tmp_path):
 
 def test_merge_lora_refuses_a_pickle_payload(malicious, tmp_path):
     path, marker = malicious
-    merge_lora = _load_tool("merge_lora")
+    merge_lora = load_tool("merge_lora")
     with pytest.raises(WeightsFileError) as error:
         merge_lora.main(["--config-file", str(TINY_CONFIG), "--weights", str(path),
                          "--output-dir", str(tmp_path / "merged"), *TINY_OPTS])
@@ -192,7 +184,7 @@ def test_visualize_predictions_refuses_a_pickle_payload(malicious, tiny_cfg):
     path, marker = malicious
     tiny_cfg.MODEL.WEIGHTS = str(path)
     with pytest.raises(WeightsFileError) as error:
-        _load_tool("visualize_predictions").build_predictor(tiny_cfg)
+        load_tool("visualize_predictions").build_predictor(tiny_cfg)
     _assert_refused(error, path, marker)
 
 

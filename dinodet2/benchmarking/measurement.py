@@ -13,7 +13,7 @@ import torch
 
 __all__ = [
     "BenchmarkSetupError", "CpuContentionMeter", "checkpoint_sizes", "contention_warning", "count_gflops_per_image",
-    "device_name", "parameter_counts", "peak_memory_mib", "summary_stats", "time_iterations",
+    "device_name", "parameter_counts", "peak_memory_mib", "summary_stats", "tensor_peak_mib", "time_iterations",
 ]
 
 
@@ -109,6 +109,44 @@ def peak_memory_mib(device) -> Tuple[float, str]:
     rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
     return rss_bytes / 2 ** 20, ("process peak RSS (getrusage ru_maxrss): peak over the whole process "
                                  "lifetime, imports and model building included, not just the model")
+
+
+def tensor_peak_mib(step, module, inference: bool = False) -> Optional[float]:
+    """Peak MiB of live tensors other than ``module``'s parameters and buffers while ``step()`` runs
+    (activations, temporaries, gradients), from PyTorch's ``MemTracker``; None if it is unavailable.
+    ``inference``: ``step`` runs without gradients; the parameters are marked as not requiring them
+    meanwhile (the tracker's module hooks otherwise fail on views of trainable parameters). Also None
+    when the tracker's module hooks reject the graph (an ``AssertionError`` inside ``MemTracker`` on some
+    training graphs with torch 2.14): the caller reports "not counted" rather than a wrong number."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except Exception:  # a torch build without torch.distributed
+        return None
+
+    class _Tracker(MemTracker):
+        # MemTracker hooks every parameter's gradient to label it, which fails on frozen parameters;
+        # gradients are counted without the label (only the total is read here).
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    tracker = _Tracker()
+    tracker.track_external(module)
+    trainable = [p for p in module.parameters() if p.requires_grad] if inference else []
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with tracker:
+            step()
+    except AssertionError:
+        return None
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    peak = 0
+    for by_kind in tracker.get_tracker_snapshot("peak").values():
+        peak += sum(v for k, v in by_kind.items() if k != "Total" and getattr(k, "value", k) not in
+                    ("Parameter", "Buffer"))
+    return peak / 2 ** 20
 
 
 def device_name(device) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "metrics_by_iteration",
     "read_metrics_records",
     "train_net_command",
+    "write_json",
 ]
 
 TRAIN_NET = "tools/train_net.py"  # relative to the repository root (the commands' working directory)
@@ -125,3 +126,14 @@ def mean_over_seeds(rows: Sequence[Dict], keys: Sequence[str] = ("AP", "AP50", "
             entry[key + "_per_seed"] = values
         out.append(entry)
     return out
+
+
+def write_json(path, result) -> None:
+    """``result`` as indented JSON in ``path`` (its folder made), written to a temporary file and renamed
+    into place, so an interrupted benchmark never leaves a half-written result."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)

@@ -14,6 +14,7 @@ import sys
 from typing import Dict, Optional, Sequence
 
 from ..modeling.backbone.windowed_attention import resolve_window_blocks
+from .measurement import tensor_peak_mib
 
 __all__ = ["VITDET_WINDOWED_BLOCKS", "format_windowed_vit", "measure_windowed_vit"]
 
@@ -124,40 +125,6 @@ def _mib(value: Optional[float]) -> str:
 
 def _ratio(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def tensor_peak_mib(step, module, inference: bool = False) -> Optional[float]:
-    """Peak MiB of live tensors other than ``module``'s parameters and buffers while ``step()`` runs
-    (activations, temporaries, gradients), from PyTorch's ``MemTracker``; None if it is unavailable.
-    ``inference``: ``step`` runs without gradients; the parameters are marked as not requiring them
-    meanwhile (the tracker's module hooks otherwise fail on views of trainable parameters)."""
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except Exception:  # a torch build without torch.distributed
-        return None
-
-    class _Tracker(MemTracker):
-        # MemTracker hooks every parameter's gradient to label it, which fails on frozen parameters;
-        # gradients are counted without the label (only the total is read here).
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
-    tracker = _Tracker()
-    tracker.track_external(module)
-    trainable = [p for p in module.parameters() if p.requires_grad] if inference else []
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        with tracker:
-            step()
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-    peak = 0
-    for by_kind in tracker.get_tracker_snapshot("peak").values():
-        peak += sum(v for k, v in by_kind.items() if k != "Total" and getattr(k, "value", k) not in
-                    ("Parameter", "Buffer"))
-    return peak / 2 ** 20
 
 
 def _run_in_subprocess(spec: Dict) -> Dict:
