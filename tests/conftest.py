@@ -118,6 +118,21 @@ def make_train_batch():
     ]
 
 
+def write_images(folder, sizes):
+    """Random BGR images ``{file name: (height, width)}`` with a white rectangle each, written into
+    the new ``folder`` (returned)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for name, (h, w) in sizes.items():
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        cv2.rectangle(image, (10, 10), (w // 2, h // 2), (255, 255, 255), -1)
+        cv2.imwrite(str(folder / name), image)
+    return folder
+
+
 def load_tool(name):
     """The module of ``tools/<name>.py`` (tools are scripts, not a package)."""
     import importlib.util

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from dinodet2.config import load_dinodet2_config
 from dinodet2.engine import Dinodet2Checkpointer, build_predictor, class_names_of, model_class_names
 
-from conftest import REPO_ROOT, make_tiny_cfg
+from conftest import REPO_ROOT, make_tiny_cfg, write_images
 
 FRUIT = ["apple", "pear", "plum"]
 TRAIN_SET = "demo_test_fruit_train"  # registered only while the checkpoint is written
@@ -47,13 +47,8 @@ def trained(tmp_path_factory):
 
 
 def _write_images(folder):
-    rng = np.random.default_rng(0)
-    folder.mkdir()
     sizes = {"a.png": (70, 98), "b.jpg": (96, 64), "c.png": (80, 80)}
-    for name, (h, w) in sizes.items():
-        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-        cv2.rectangle(image, (10, 10), (w // 2, h // 2), (255, 255, 255), -1)
-        cv2.imwrite(str(folder / name), image)
+    write_images(folder, sizes)
     (folder / "notes.txt").write_text("not an image")
     return sorted(sizes)
 

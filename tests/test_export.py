@@ -3,11 +3,13 @@ single-image graph, training-only parts are absent from it, and the OpenVINO IR 
 
 Skipped (with the reason) only when ``onnx`` / ``onnxruntime`` / ``onnxscript`` are not installed
 (``pip install -e .[test]`` installs them)."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_tool, make_improved_tiny_cfg, make_tiny_cfg
+from conftest import load_tool, make_improved_tiny_cfg, make_tiny_cfg, write_images
 
 for _module in ("onnx", "onnxruntime", "onnxscript"):
     pytest.importorskip(_module, reason=f"ONNX export tests need '{_module}' (pip install -e .[test])")
@@ -124,3 +126,128 @@ def test_level_mask_equals_nearest_interpolation(size, level):
     mask = torch.rand(2, *size, generator=torch.Generator().manual_seed(0)) > 0.5
     expected = torch.nn.functional.interpolate(mask[None].float(), size=level).to(torch.bool)[0]
     assert torch.equal(_nearest_mask(mask, *level), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# the exported model used like the PyTorch one: tools/demo.py and COCO AP through ONNX Runtime
+# ------------------------------------------------------------------------------------------------
+# original sizes of three aspect ratios; with the test resize below (56..112) they become 56 x 78,
+# 84 x 56 and 56 x 56: only the dynamic export takes them all
+IMAGE_SIZES = {"a.png": (70, 98), "b.jpg": (96, 64), "c.png": (80, 80)}
+
+
+@pytest.fixture(scope="module")
+def improved_checkpoint(improved_export, tmp_path_factory):
+    """The PyTorch model the improved export was made from (same seed and config) as a checkpoint
+    and the config.yaml the tools read (test resize 56..112 px, no loader workers), and the model."""
+    from detectron2.modeling import build_model
+
+    from dinodet2.engine import Dinodet2Checkpointer
+
+    cfg, _, _ = improved_export
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    folder = tmp_path_factory.mktemp("improved_checkpoint")
+    cfg = cfg.clone()
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 56, "INPUT.MAX_SIZE_TEST", 112, "DATALOADER.NUM_WORKERS", 0,
+                         "OUTPUT_DIR", str(folder)])
+    Dinodet2Checkpointer(model, str(folder), cfg=cfg).save("model_final")
+    cfg.MODEL.WEIGHTS = str(folder / "model_final.pth")
+    (folder / "config.yaml").write_text(cfg.dump())
+    return folder, model
+
+
+def test_demo_on_the_exported_model_equals_the_pytorch_demo(improved_export, improved_checkpoint, tmp_path):
+    """tools/demo.py with MODEL.WEIGHTS model.onnx (ONNX Runtime) writes the same JSON as with the
+    checkpoint: same detections in original pixels (images resized by 0.8 and 0.875), same names."""
+    from detectron2.data import MetadataCatalog
+
+    from dinodet2.config import load_dinodet2_config
+    from dinodet2.engine import build_predictor
+    from dinodet2.export import OnnxPredictor, onnx_class_names
+
+    _, onnx_path, report = improved_export
+    folder, _ = improved_checkpoint
+    images = write_images(tmp_path / "images", IMAGE_SIZES)
+    demo = load_tool("demo")
+
+    def run(weights, output):
+        json_path = demo.main(["--config-file", str(folder / "config.yaml"), "--input", str(images), "--output",
+                               str(tmp_path / output), "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", weights])
+        return json.loads(open(json_path).read())
+
+    expected = run(str(folder / "model_final.pth"), "pytorch")
+    exported = run(str(onnx_path), "onnx")
+    assert isinstance(build_predictor(load_dinodet2_config(str(folder / "config.yaml"),
+                                                           ["MODEL.WEIGHTS", str(onnx_path)])), OnnxPredictor)
+    # the class names travel in the ONNX metadata (the training dataset's, stored at export)
+    assert report["class_names"] == onnx_class_names(str(onnx_path)) == MetadataCatalog.get("shapes_train").thing_classes
+    assert len(exported) == len(expected) > 0
+    assert {r["file_name"] for r in exported} == {str(images / n) for n in IMAGE_SIZES}
+    for mine, theirs in zip(exported, expected):
+        assert mine.keys() == theirs.keys()
+        for key in ("file_name", "image_id", "category_id", "category_name"):
+            assert mine[key] == theirs[key]
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-4)
+        assert mine["bbox"] == pytest.approx(theirs["bbox"], abs=1e-3)  # original pixels
+
+
+def test_coco_ap_through_onnxruntime_equals_pytorch(improved_export, improved_checkpoint, tmp_path):
+    """tools/export_model.py --evaluate: COCOEvaluator AP of the ONNX model equals PyTorch's. The
+    ground truth is PyTorch's two best detections per image, so PyTorch's AP is high and an ONNX
+    path that mis-scaled boxes to the original size would lose most of it."""
+    import cv2
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.structures import BoxMode
+
+    from dinodet2.config import load_dinodet2_config
+    from dinodet2.engine import build_predictor
+
+    _, onnx_path, _ = improved_export
+    folder, model = improved_checkpoint
+    cfg = load_dinodet2_config(str(folder / "config.yaml"))
+    predictor = build_predictor(cfg)
+    images = write_images(tmp_path / "images", IMAGE_SIZES)
+    dicts = []
+    for image_id, (name, (h, w)) in enumerate(IMAGE_SIZES.items()):
+        best = predictor(cv2.imread(str(images / name)))["instances"][:2]
+        dicts.append({"file_name": str(images / name), "image_id": image_id, "height": h, "width": w,
+                      "annotations": [{"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c, "iscrowd": 0}
+                                      for box, c in zip(best.pred_boxes.tensor.tolist(), best.pred_classes.tolist())]})
+    dataset = "export_test_pytorch_detections"
+    DatasetCatalog.register(dataset, lambda: dicts)
+    MetadataCatalog.get(dataset).set(thing_classes=["a", "b", "c"])
+    try:
+        results = load_tool("export_model").coco_ap_pytorch_and_onnx(cfg, model, str(onnx_path), dataset,
+                                                                      str(tmp_path / "evaluation"))
+    finally:
+        DatasetCatalog.remove(dataset)
+        MetadataCatalog.remove(dataset)
+    assert results["pytorch"]["AP"] > 30
+    for key in ("AP", "AP50", "AP75"):
+        assert results["onnxruntime"][key] == pytest.approx(results["pytorch"][key], abs=0.1)
+    assert (tmp_path / "evaluation" / "onnxruntime" / "coco_instances_results.json").is_file()
+
+
+def test_fixed_size_export_takes_only_its_size(seed_export):
+    """The predictor rescales the graph's boxes to the original image (here x2) and refuses an image
+    that ResizeShortestEdge brings to another size than the fixed graph's, naming the fix."""
+    from dinodet2.export import OnnxDetector, OnnxPredictor, onnxruntime_outputs
+
+    path, _ = seed_export
+    cfg = make_tiny_cfg()
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", HEIGHT, "INPUT.MAX_SIZE_TEST", WIDTH])
+    predictor = OnnxPredictor(cfg, str(path))
+    assert predictor.model.fixed_size == (HEIGHT, WIDTH)
+    image_bgr = np.zeros((2 * HEIGHT, 2 * WIDTH, 3), np.uint8)  # resized to exactly HEIGHT x WIDTH (zeros)
+    instances = predictor(image_bgr)["instances"]
+    boxes, scores, labels = onnxruntime_outputs(str(path), torch.zeros(1, 3, HEIGHT, WIDTH))
+    assert instances.image_size == (2 * HEIGHT, 2 * WIDTH) and len(instances) == len(scores)  # none empty
+    clipped = np.clip(boxes * 2, 0, [2 * WIDTH, 2 * HEIGHT] * 2)
+    np.testing.assert_allclose(instances.pred_boxes.tensor.numpy(), clipped, atol=1e-4)
+    np.testing.assert_array_equal(instances.scores.numpy(), scores)
+    np.testing.assert_array_equal(instances.pred_classes.numpy(), labels)
+    with pytest.raises(ValueError, match=f"fixed input of {HEIGHT} x {WIDTH} .* 56 x 78 .*--dynamic"):
+        OnnxDetector(str(path)).detect(torch.zeros(3, 56, 78))
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS.*tools/export_model.py"):
+        OnnxDetector(str(path.with_name("missing.onnx")))

@@ -22,6 +22,16 @@ in the original image's pixels), ``score``, ``category_id`` (the model's class i
 ``category_name``. Class names come from the checkpoint (stored by dinodet2's trainer), else from the
 training dataset's registered metadata, else ``class <i>`` (warned). Weights are ``MODEL.WEIGHTS``
 loaded by ``Dinodet2Checkpointer``: full, trainable-only, LoRA and LoRA-merged checkpoints work.
+
+An exported model (``tools/export_model.py``) runs through ONNX Runtime when ``MODEL.WEIGHTS`` ends
+in ``.onnx``, with the config it was exported with (its ``INPUT.*`` test resize and format are
+used; class names come from the ONNX metadata)::
+
+    python tools/demo.py --config-file output/demo/config.yaml --input photos/ --output output/demo_onnx \
+        --opts MODEL.WEIGHTS output/demo/model.onnx
+
+The outputs and the JSON are the same as for the PyTorch model (up to the export's parity). A model
+exported at a fixed size only takes images that resize to that size; export with ``--dynamic``.
 """
 import argparse
 import glob
@@ -167,7 +177,8 @@ def get_parser():
                              "file (.mp4/.avi) or a folder")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of a shown detection")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS path/to/model_final.pth")
+                        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS path/to/model_final.pth (or an "
+                             "exported path/to/model.onnx: ONNX Runtime)")
     return parser
 
 

@@ -13,10 +13,16 @@ dynamo=True)``, opset 18 by default (deformable attention needs ``GridSample``, 
 also on other sizes) and prints max |Δscore| and max |Δbox|, and lists the graph names that
 contain a training-only part (:data:`dinodet2.export.TRAINING_ONLY_NAME_PARTS`; none expected).
 
+``--evaluate DATASET`` scores the (merged) PyTorch model and the ONNX file through ONNX Runtime
+(:class:`dinodet2.export.OnnxDetector`) on the registered dataset with the same test loader and
+Detectron2's ``COCOEvaluator`` (``Trainer.test``), and prints both box APs side by side. The class
+names of the checkpoint (or of the registered training dataset) are stored in the ONNX metadata,
+so ``tools/demo.py`` with ``MODEL.WEIGHTS model.onnx`` names the classes.
+
 Example::
 
     python tools/export_model.py --config-file output/demo/config.yaml --weights output/demo/model_final.pth \\
-        --output output/demo/model.onnx --check [--openvino]
+        --output output/demo/model.onnx --dynamic --check --evaluate shapes_val [--openvino]
 """
 import argparse
 import json
@@ -29,9 +35,9 @@ import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
-from dinodet2.engine import Dinodet2Checkpointer  # noqa: E402
-from dinodet2.export import (TRAINING_ONLY_NAME_PARTS, convert_to_openvino, export_onnx, onnx_parity,  # noqa: E402
-                             training_only_names)
+from dinodet2.engine import Dinodet2Checkpointer, Trainer, stored_class_names  # noqa: E402
+from dinodet2.export import (TRAINING_ONLY_NAME_PARTS, OnnxDetector, convert_to_openvino, export_onnx,  # noqa: E402
+                             onnx_parity, training_only_names)
 from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
 
 
@@ -47,16 +53,39 @@ def check_sizes(height, width, divisor, dynamic):
     return sizes
 
 
-def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, openvino=False, check=False, seed=0):
+def coco_ap_pytorch_and_onnx(cfg, model, onnx_path, dataset_name, output_dir):
+    """COCO box metrics (``COCOEvaluator``'s ``bbox`` dict) of the PyTorch ``model`` and of the ONNX
+    file through ONNX Runtime on the registered ``dataset_name``: ``{"pytorch": ..., "onnxruntime":
+    ...}``. Both go through ``Trainer.test`` (the same test loader, resize and evaluator); each
+    evaluator writes its results under ``output_dir/<pytorch|onnxruntime>``."""
+    if cfg.TEST.SLICED.ENABLED:
+        raise ValueError("--evaluate: TEST.SLICED.ENABLED is not supported for the exported model; set it False.")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = (dataset_name,)
+    results = {}
+    for name, detector in (("pytorch", model), ("onnxruntime", OnnxDetector(onnx_path))):
+        evaluator = Trainer.build_evaluator(cfg, dataset_name, os.path.join(output_dir, name))
+        results[name] = Trainer.test(cfg, detector, [evaluator])["bbox"]
+    return results
+
+
+def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, openvino=False, check=False, seed=0,
+           evaluate=None):
     """Export ``cfg``'s model with ``weights`` to ``output``; returns a report dict (paths, sizes and,
-    with ``check``, the parity numbers per checked size and the training-only names found)."""
+    with ``check``, the parity numbers per checked size and the training-only names found; with
+    ``evaluate`` (a registered dataset), :func:`coco_ap_pytorch_and_onnx` on it)."""
     model = build_model(cfg).eval()
     if weights:
         Dinodet2Checkpointer(model).load(weights)
     merged = merge_lora_(model)
-    wrapper = export_onnx(model, output, height, width, dynamic=dynamic, opset=opset)
+    with_weights = cfg.clone()
+    with_weights.defrost()
+    with_weights.MODEL.WEIGHTS = weights
+    class_names, _ = stored_class_names(with_weights)
+    wrapper = export_onnx(model, output, height, width, dynamic=dynamic, opset=opset, class_names=class_names)
     report = {"onnx": os.path.abspath(output), "opset": opset, "merged_lora_layers": merged,
-              "input_size": [height, width], "dynamic": dynamic}
+              "input_size": [height, width], "dynamic": dynamic, "class_names": class_names}
     if check:
         g = torch.Generator().manual_seed(seed)
         report["parity"] = []
@@ -66,6 +95,9 @@ def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, open
         report["training_only_names"] = training_only_names(output, model)
     if openvino:
         report["openvino"] = convert_to_openvino(output)
+    if evaluate:
+        output_dir = os.path.join(os.path.dirname(os.path.abspath(output)), "evaluation", evaluate)
+        report["evaluation"] = coco_ap_pytorch_and_onnx(cfg, model, output, evaluate, output_dir)
     return report
 
 
@@ -81,12 +113,15 @@ def main(argv=None):
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16 for GridSample)")
     parser.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (.xml/.bin) next to it")
     parser.add_argument("--check", action="store_true", help="ONNX Runtime vs PyTorch parity + training-only check")
+    parser.add_argument("--evaluate", metavar="DATASET", default="",
+                        help="also score PyTorch and ONNX Runtime on this registered dataset (COCOEvaluator); "
+                             "a fixed-size export needs images that resize to its size, use --dynamic otherwise")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     cfg = load_dinodet2_config(args.config_file, args.opts)
     report = export(cfg, args.weights or cfg.MODEL.WEIGHTS, args.output, args.height or cfg.INPUT.MIN_SIZE_TEST,
                     args.width or cfg.INPUT.MAX_SIZE_TEST, dynamic=args.dynamic, opset=args.opset,
-                    openvino=args.openvino, check=args.check)
+                    openvino=args.openvino, check=args.check, evaluate=args.evaluate)
     print(f"wrote {report['onnx']} (opset {args.opset}, input 1x3x{report['input_size'][0]}x{report['input_size'][1]}"
           f"{', dynamic height/width' if args.dynamic else ''}; {report['merged_lora_layers']} LoRA layers merged)")
     for p in report.get("parity", []):
@@ -98,6 +133,10 @@ def main(argv=None):
               f" (checked name parts: {', '.join(json.dumps(p) for p in TRAINING_ONLY_NAME_PARTS)})")
     if "openvino" in report:
         print(f"wrote OpenVINO IR {report['openvino']}")
+    if "evaluation" in report:
+        torch_ap, onnx_ap = report["evaluation"]["pytorch"], report["evaluation"]["onnxruntime"]
+        print(f"COCO box AP on {args.evaluate}: " + ", ".join(
+            f"{k} PyTorch {torch_ap[k]:.2f} / ONNX Runtime {onnx_ap[k]:.2f}" for k in ("AP", "AP50", "AP75")))
     return report
 
 

@@ -1,5 +1,5 @@
 from .checkpoint import Dinodet2Checkpointer, class_names_of, remap_lora_keys, trainable_state_dict
-from .predictor import build_predictor, model_class_names
+from .predictor import build_predictor, model_class_names, stored_class_names
 from .compilation import CompileMetricsHook, compile_model, compile_report
 from .curriculum_schedules import CurriculumHook
 from .ema import EMAHook, ModelEMA, add_model_ema

@@ -1,9 +1,9 @@
-"""A predictor for single images (Detectron2's ``DefaultPredictor`` path) and the class names to
-show its predictions with: what the tools that run a trained model on images need
-(``tools/demo.py``, ``tools/visualize_predictions.py``)."""
+"""A predictor for single images (Detectron2's ``DefaultPredictor`` path, or ONNX Runtime for an
+exported ``.onnx`` model) and the class names to show its predictions with: what the tools that
+run a trained model on images need (``tools/demo.py``, ``tools/visualize_predictions.py``)."""
 import logging
 import os
-from typing import List
+from typing import List, Optional, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
@@ -15,12 +15,26 @@ from .compilation import compile_model
 logger = logging.getLogger(__name__)
 
 
+def is_onnx_model(weights: str) -> bool:
+    """Whether ``MODEL.WEIGHTS`` names a model exported by ``tools/export_model.py`` (``.onnx``)."""
+    return weights.lower().endswith(".onnx")
+
+
 def build_predictor(cfg):
     """DefaultPredictor (preprocessing, single-image inference, boxes in the original image's
     pixels) with ``MODEL.WEIGHTS`` loaded by Dinodet2Checkpointer instead of Detectron2's
     checkpointer (which unpickles .pkl files), so full, trainable-only, LoRA and LoRA-merged
     checkpoints all load; its model compiled as in training with ``MODEL.COMPILE.ENABLED``. With
-    ``TEST.SLICED.ENABLED``: :class:`SlicedPredictor` (tiles of the original image; same checkpointer)."""
+    ``TEST.SLICED.ENABLED``: :class:`SlicedPredictor` (tiles of the original image; same checkpointer).
+    ``MODEL.WEIGHTS`` ending in ``.onnx`` (an exported model): :class:`~dinodet2.export.OnnxPredictor`,
+    the same interface and preprocessing through ONNX Runtime (CPU)."""
+    if is_onnx_model(cfg.MODEL.WEIGHTS):
+        if cfg.TEST.SLICED.ENABLED:
+            raise ValueError(f"TEST.SLICED.ENABLED is not supported with an exported model (MODEL.WEIGHTS="
+                             f"{cfg.MODEL.WEIGHTS}): set it False, or run the .pth checkpoint.")
+        from ..export.onnx_predictor import OnnxPredictor
+
+        return OnnxPredictor(cfg, cfg.MODEL.WEIGHTS)
     if cfg.TEST.SLICED.ENABLED:
         predictor = SlicedPredictor(cfg)
         compile_model(cfg, predictor.model)
@@ -36,26 +50,42 @@ def build_predictor(cfg):
     return predictor
 
 
-def model_class_names(cfg) -> List[str]:
-    """The names of the model's ``MODEL.DETR.NUM_CLASSES`` classes, from (in order) the class names
-    stored in the checkpoint ``MODEL.WEIGHTS`` (:func:`.checkpoint.class_names_of`), the metadata of
-    the registered training dataset ``DATASETS.TRAIN[0]``, else ``"class {i}"`` with a warning.
-    A list shorter than the number of classes is completed with ``"class {i}"`` (warned)."""
-    num_classes = cfg.MODEL.DETR.NUM_CLASSES
-    names, source = None, None
+def stored_class_names(cfg) -> Tuple[Optional[List[str]], str]:
+    """``(names, where from)``: the class names stored with ``MODEL.WEIGHTS`` (a checkpoint's,
+    :func:`.checkpoint.class_names_of`; an exported ``.onnx`` model's metadata,
+    :func:`~dinodet2.export.onnx_class_names`), else the ``thing_classes`` of the registered
+    training dataset ``DATASETS.TRAIN[0]``; ``(None, "")`` when neither has them."""
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and os.path.isfile(weights):
-        names, source = class_names_of(weights), f"checkpoint {weights}"
+        if is_onnx_model(weights):
+            from ..export.onnx_export import onnx_class_names
+
+            names, source = onnx_class_names(weights), f"ONNX model {weights}"
+        else:
+            names, source = class_names_of(weights), f"checkpoint {weights}"
+        if names:
+            return [str(n) for n in names], source
     train = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
-    if not names and train and train in MetadataCatalog.list():
-        names, source = MetadataCatalog.get(train).get("thing_classes", None), f"dataset '{train}'"
+    if train and train in MetadataCatalog.list():
+        names = MetadataCatalog.get(train).get("thing_classes", None)
+        if names:
+            return [str(n) for n in names], f"dataset '{train}'"
+    return None, ""
+
+
+def model_class_names(cfg) -> List[str]:
+    """The names of the model's ``MODEL.DETR.NUM_CLASSES`` classes: :func:`stored_class_names`,
+    else ``"class {i}"`` with a warning. A list shorter than the number of classes is completed
+    with ``"class {i}"`` (warned)."""
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
+    names, source = stored_class_names(cfg)
     if not names:
-        logger.warning("No class names: the checkpoint MODEL.WEIGHTS=%r stores none and the training dataset "
+        logger.warning("No class names: the model file MODEL.WEIGHTS=%r stores none and the training dataset "
                        "DATASETS.TRAIN[0]=%r is not registered (or has no thing_classes); predictions are "
                        "named 'class <i>'. Register the dataset before running, or use a checkpoint saved by "
-                       "this version's trainer.", weights, train)
+                       "this version's trainer.", cfg.MODEL.WEIGHTS,
+                       cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None)
         return [f"class {i}" for i in range(num_classes)]
-    names = [str(n) for n in names]
     if len(names) < num_classes:
         logger.warning("%s names %d classes but MODEL.DETR.NUM_CLASSES is %d; the others are named 'class <i>'.",
                        source, len(names), num_classes)

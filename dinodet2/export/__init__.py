@@ -1,8 +1,11 @@
 """Deployment export: the model as a single-image graph (:mod:`.exportable`) written to ONNX, with
-an ONNX Runtime parity check and a training-only-parts check (:mod:`.onnx_export`)."""
+an ONNX Runtime parity check and a training-only-parts check (:mod:`.onnx_export`), and the
+exported model run like the PyTorch one through ONNX Runtime (:mod:`.onnx_predictor`)."""
 from .exportable import ExportableDETR
-from .onnx_export import (TRAINING_ONLY_NAME_PARTS, export_onnx, onnx_parity, onnxruntime_outputs,
-                          training_only_names, convert_to_openvino)
+from .onnx_export import (CLASS_NAMES_KEY, TRAINING_ONLY_NAME_PARTS, export_onnx, onnx_class_names, onnx_parity,
+                          onnxruntime_outputs, training_only_names, convert_to_openvino)
+from .onnx_predictor import OnnxDetector, OnnxPredictor
 
-__all__ = ["ExportableDETR", "TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "onnx_parity",
-           "onnxruntime_outputs", "training_only_names"]
+__all__ = ["CLASS_NAMES_KEY", "ExportableDETR", "OnnxDetector", "OnnxPredictor", "TRAINING_ONLY_NAME_PARTS",
+           "convert_to_openvino", "export_onnx", "onnx_class_names", "onnx_parity", "onnxruntime_outputs",
+           "training_only_names"]

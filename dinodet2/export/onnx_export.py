@@ -3,6 +3,7 @@
 ``torch.onnx.export(..., dynamo=True)`` (the ``torch.export``-based exporter) is used; opset 17 is the
 default (``GridSample``, which deformable attention's ``F.grid_sample`` becomes, needs opset >= 16).
 """
+import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -11,8 +12,8 @@ import torch
 
 from .exportable import ExportableDETR
 
-__all__ = ["TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "onnx_parity", "onnxruntime_outputs",
-           "training_only_names"]
+__all__ = ["CLASS_NAMES_KEY", "TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "onnx_class_names",
+           "onnx_parity", "onnxruntime_outputs", "training_only_names"]
 
 #: Substrings of parameter / initializer names that only training uses: denoising (``denoising.``,
 #: its ``label_embed``), the auxiliary training signals (token alignment, distillation heads), LoRA
@@ -22,13 +23,17 @@ TRAINING_ONLY_NAME_PARTS = ("denoising", "label_embed", "training_signals", "tea
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 #: upper bound of a dynamic height / width (pixels)
 MAX_DYNAMIC_SIZE = 4096
+#: ONNX ``metadata_props`` key of the class names (a JSON list), what checkpoints store as ``class_names``
+CLASS_NAMES_KEY = "dinodet2_class_names"
 
 
 def export_onnx(model: torch.nn.Module, path: str, height: int, width: int, *, dynamic: bool = False,
-                opset: int = 18) -> ExportableDETR:
+                opset: int = 18, class_names: Optional[Sequence[str]] = None) -> ExportableDETR:
     """Write ``model`` (an eval-mode DETR, adapters already merged) as ONNX to ``path`` for a
     ``[1, 3, height, width]`` input; ``dynamic``: height and width are symbolic (any size from
-    ``size_divisibility + 1`` to :data:`MAX_DYNAMIC_SIZE`). Returns the wrapper that was exported."""
+    ``size_divisibility + 1`` to :data:`MAX_DYNAMIC_SIZE`); ``class_names`` are stored in the
+    model's metadata (:data:`CLASS_NAMES_KEY`, read by :func:`onnx_class_names`). Returns the
+    wrapper that was exported."""
     if opset < 16:
         raise ValueError(f"--opset {opset}: deformable attention needs ONNX GridSample (opset >= 16); use 17 or more.")
     wrapper = ExportableDETR(model).eval()
@@ -45,8 +50,18 @@ def export_onnx(model: torch.nn.Module, path: str, height: int, width: int, *, d
         program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset, input_names=["image"],
                                     output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes,
                                     external_data=False, verbose=False)
+    if class_names:
+        program.model.metadata_props[CLASS_NAMES_KEY] = json.dumps([str(n) for n in class_names])
     program.save(path)
     return wrapper
+
+
+def onnx_class_names(path: str) -> Optional[List[str]]:
+    """The class names stored in the ONNX model at ``path`` by :func:`export_onnx`, or None."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return json.loads(props[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in props else None
 
 
 def onnxruntime_outputs(path: str, image: torch.Tensor) -> Tuple[np.ndarray, ...]:
