@@ -26,10 +26,13 @@ each) shared by both sides through a file; train step = forward + loss + ``zero_
 full-model clipping at 0.1 + fused AdamW (lr 1e-4, weight decay 1e-4); inference = batch 1,
 ``no_grad`` eval forward + post-processing (RF-DETR's ``PostProcess``; our ``detector_postprocess``);
 our ONNX Runtime path: ``dinodet2.export.export_onnx`` of the same model (fixed size, normalisation
-and top-k inside the graph), ``InferenceSession.run`` on one image. The same ``--threads`` everywhere
-(torch in both processes, ONNX Runtime's intra-op threads). Median over ``--iters`` timed iterations
-after ``--warmup``. Ratios are RF-DETR time / our time (> 1: ours is faster); goals of issue 15:
-ONNX >= 2x, PyTorch inference >= 1x.
+and top-k inside the graph), ``InferenceSession.run`` on one image; and its INT8 file
+(``dinodet2.export.quantize_int8``: the ViT's linear layers int8, dynamic uint8 activations, the rest
+fp32) on the same image with the same session options (``--threads`` intra-op threads, one inter-op
+thread, ``ORT_ENABLE_ALL`` graph optimisation). The same ``--threads`` everywhere (torch in both
+processes, ONNX Runtime's intra-op threads). Median over ``--iters`` timed iterations after
+``--warmup``. Ratios are RF-DETR time / our time (> 1: ours is faster); goals of issue 15: ONNX >= 2x
+(fp32 or INT8), PyTorch inference >= 1x.
 
 Examples::
 
@@ -232,14 +235,38 @@ def matching_rows(rf: Dict, cfg) -> List[Dict]:
     return out
 
 
-def run_our_onnx(cfg, args) -> Dict:
-    """Export our model (same seed as the PyTorch runs) with ``export_onnx`` and time ONNX Runtime
-    on one image with ``--threads`` intra-op threads."""
+def cpu_int8_flags() -> List[str]:
+    """The CPU's int8 dot-product extensions (VNNI / AMX) from ``/proc/cpuinfo``: what INT8 speed depends on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if "vnni" in f or f.startswith("amx"))
+
+
+def onnxruntime_session(path: str, threads: int):
+    """The ONNX Runtime CPU session both of our ONNX rows use: ``threads`` intra-op threads (0: its
+    default), one inter-op thread, all graph optimisations (the INT8 fusions need them)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_our_onnx(cfg, args) -> Dict[str, Dict]:
+    """Export our model (same seed as the PyTorch runs) with ``export_onnx``, quantise it with
+    ``quantize_int8``, and time both through ONNX Runtime on the same image with the same session
+    options (:func:`onnxruntime_session`): ``{"inference_onnx": ..., "inference_onnx_int8": ...}``."""
     import numpy as np
     import onnxruntime
     from detectron2.modeling import build_model
 
-    from dinodet2.export import export_onnx
+    from dinodet2.export import export_onnx, quantize_int8
     from dinodet2.modeling.backbone.lora import merge_lora_
 
     seed_everything(args.seed)
@@ -247,22 +274,29 @@ def run_our_onnx(cfg, args) -> Dict:
     merge_lora_(model)
     size = args.resolution_used
     image = make_synthetic_batch((size, size), 1, args.num_classes, with_instances=False, seed=args.seed)[0]["image"]
+    feed = {"image": image[None].numpy().astype(np.float32)}
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         start = time.perf_counter()
         export_onnx(model, path, size, size)
         export_s = time.perf_counter() - start
-        options = onnxruntime.SessionOptions()
-        if args.threads > 0:
-            options.intra_op_num_threads = args.threads
-            options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        onnx_bytes = os.path.getsize(path)
-    feed = {"image": image[None].numpy().astype(np.float32)}
-    with CpuContentionMeter() as contention:
-        times = time_iterations(lambda: session.run(None, feed), args.iters, args.warmup, "cpu")
-    return {"mode": "inference_onnx", "batch_size": 1, **summary_stats(times, 1), "export_s": export_s, "onnx_bytes": onnx_bytes,
-            "onnxruntime_version": onnxruntime.__version__, "other_processes_cpu_cores": contention.rounded_other_cores}
+        start = time.perf_counter()
+        quantized = quantize_int8(path)
+        quantize_s = time.perf_counter() - start
+        int8_extra = {"quantize_s": quantize_s, "cpu_int8_flags": cpu_int8_flags(),
+                      **{k: v for k, v in quantized.items() if k != "path"}}
+        files = (("inference_onnx", path, {"export_s": export_s}),
+                 ("inference_onnx_int8", quantized["path"], int8_extra))
+        for mode, onnx_path, extra in files:
+            print(f"[compare_rfdetr] ours: {mode} ...", flush=True)
+            session = onnxruntime_session(onnx_path, args.threads)
+            with CpuContentionMeter() as contention:
+                times = time_iterations(lambda: session.run(None, feed), args.iters, args.warmup, "cpu")
+            out[mode] = {"mode": mode, "batch_size": 1, **summary_stats(times, 1), **extra,
+                         "onnx_bytes": os.path.getsize(onnx_path), "onnxruntime_version": onnxruntime.__version__,
+                         "other_processes_cpu_cores": contention.rounded_other_cores}
+    return out
 
 
 def run_ours(cfg, args) -> Dict:
@@ -274,8 +308,7 @@ def run_ours(cfg, args) -> Dict:
         r.pop("peak_memory_mib", None)  # the process's RSS peak covers every model measured before
         r.pop("peak_memory_kind", None)
         out[mode] = r
-    print("[compare_rfdetr] ours: ONNX Runtime inference ...", flush=True)
-    out["inference_onnx"] = run_our_onnx(cfg, args)
+    out.update(run_our_onnx(cfg, args))
     return out
 
 
@@ -292,6 +325,8 @@ def ratio_rows(rf: Dict, ours: Dict, batch_size: int) -> List[Dict]:
         (f"training step, batch {batch_size}, PyTorch", "train", "train", None),
         ("inference, batch 1, PyTorch", "inference", "inference", GOALS["inference_pytorch"]),
         ("inference, batch 1: ours ONNX Runtime vs RF-DETR PyTorch", "inference", "inference_onnx",
+         GOALS["inference_onnx"]),
+        ("inference, batch 1: ours ONNX Runtime INT8 vs RF-DETR PyTorch", "inference", "inference_onnx_int8",
          GOALS["inference_onnx"]),
     ]
     rows = []

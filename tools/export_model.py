@@ -19,10 +19,18 @@ Detectron2's ``COCOEvaluator`` (``Trainer.test``), and prints both box APs side 
 names of the checkpoint (or of the registered training dataset) are stored in the ONNX metadata,
 so ``tools/demo.py`` with ``MODEL.WEIGHTS model.onnx`` names the classes.
 
+``--quantize int8`` also writes ``<output stem>.int8.onnx``: ONNX Runtime's dynamic INT8
+quantisation of the ``MatMul`` nodes of ``--quantize-scope`` (default ``backbone``: the DINOv2 ViT's linear
+layers; ``all``: every linear layer written as ``MatMul``), int8 per-channel weights and uint8
+activations quantised at run time; the rest stays fp32 (:mod:`dinodet2.export.quantization`). With
+``--check`` its detections are compared with PyTorch's (max |Δscore|, max |Δbox| to the nearest
+same-class detection, top-10 label agreement) and its ViT features with the fp32 graph's (relative
+error); with ``--evaluate`` it is scored too. ``MODEL.WEIGHTS model.int8.onnx`` runs it in the demo.
+
 Example::
 
     python tools/export_model.py --config-file output/demo/config.yaml --weights output/demo/model_final.pth \\
-        --output output/demo/model.onnx --dynamic --check --evaluate shapes_val [--openvino]
+        --output output/demo/model.onnx --dynamic --check --evaluate shapes_val [--openvino] [--quantize int8]
 """
 import argparse
 import json
@@ -36,8 +44,9 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer, Trainer, stored_class_names  # noqa: E402
-from dinodet2.export import (TRAINING_ONLY_NAME_PARTS, OnnxDetector, convert_to_openvino, export_onnx,  # noqa: E402
-                             onnx_parity, training_only_names)
+from dinodet2.export import (QUANTIZE_SCOPES, TRAINING_ONLY_NAME_PARTS, OnnxDetector,  # noqa: E402
+                             convert_to_openvino, export_onnx, feature_error, int8_parity, onnx_parity,
+                             quantize_int8, training_only_names)
 from dinodet2.modeling.backbone.lora import merge_lora_  # noqa: E402
 
 
@@ -53,28 +62,36 @@ def check_sizes(height, width, divisor, dynamic):
     return sizes
 
 
-def coco_ap_pytorch_and_onnx(cfg, model, onnx_path, dataset_name, output_dir):
+def coco_ap_pytorch_and_onnx(cfg, model, onnx_path, dataset_name, output_dir, int8_onnx_path=None):
     """COCO box metrics (``COCOEvaluator``'s ``bbox`` dict) of the PyTorch ``model`` and of the ONNX
     file through ONNX Runtime on the registered ``dataset_name``: ``{"pytorch": ..., "onnxruntime":
-    ...}``. Both go through ``Trainer.test`` (the same test loader, resize and evaluator); each
-    evaluator writes its results under ``output_dir/<pytorch|onnxruntime>``."""
+    ...}``, plus ``"onnxruntime_int8"`` with ``int8_onnx_path`` (the ``--quantize int8`` file). All go
+    through ``Trainer.test`` (the same test loader, resize and evaluator); each evaluator writes its
+    results under ``output_dir/<pytorch|onnxruntime|onnxruntime_int8>``."""
     if cfg.TEST.SLICED.ENABLED:
         raise ValueError("--evaluate: TEST.SLICED.ENABLED is not supported for the exported model; set it False.")
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TEST = (dataset_name,)
     results = {}
-    for name, detector in (("pytorch", model), ("onnxruntime", OnnxDetector(onnx_path))):
+    detectors = [("pytorch", model), ("onnxruntime", OnnxDetector(onnx_path))]
+    if int8_onnx_path:
+        detectors.append(("onnxruntime_int8", OnnxDetector(int8_onnx_path)))
+    for name, detector in detectors:
         evaluator = Trainer.build_evaluator(cfg, dataset_name, os.path.join(output_dir, name))
         results[name] = Trainer.test(cfg, detector, [evaluator])["bbox"]
     return results
 
 
 def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, openvino=False, check=False, seed=0,
-           evaluate=None):
+           evaluate=None, quantize=None, quantize_scope="backbone"):
     """Export ``cfg``'s model with ``weights`` to ``output``; returns a report dict (paths, sizes and,
     with ``check``, the parity numbers per checked size and the training-only names found; with
-    ``evaluate`` (a registered dataset), :func:`coco_ap_pytorch_and_onnx` on it)."""
+    ``evaluate`` (a registered dataset), :func:`coco_ap_pytorch_and_onnx` on it). ``quantize="int8"``:
+    also :func:`~dinodet2.export.quantize_int8` (``quantize_scope``) to ``<output stem>.int8.onnx``,
+    reported under ``"int8"`` (with ``check``: ``"int8_parity"`` per size and ``"int8_feature_error"``)."""
+    if quantize not in (None, "", "int8"):
+        raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported.")
     model = build_model(cfg).eval()
     if weights:
         Dinodet2Checkpointer(model).load(weights)
@@ -93,11 +110,22 @@ def export(cfg, weights, output, height, width, *, dynamic=False, opset=18, open
             numbers = onnx_parity(wrapper, output, [torch.rand(1, 3, h, w, generator=g) * 255])
             report["parity"].append({"size": [h, w], **numbers})
         report["training_only_names"] = training_only_names(output, model)
+    if quantize:
+        report["int8"] = quantize_int8(output, scope=quantize_scope)
+        if check:
+            g = torch.Generator().manual_seed(seed)
+            images = [torch.rand(1, 3, h, w, generator=g) * 255
+                      for h, w in check_sizes(height, width, model.backbone.size_divisibility, dynamic)]
+            report["int8_parity"] = [{"size": list(image.shape[2:]), **int8_parity(wrapper, report["int8"]["path"],
+                                                                                   [image])} for image in images]
+            report["int8_feature_error"] = max(feature_error(output, report["int8"]["path"], image, quantize_scope)
+                                               for image in images)
     if openvino:
         report["openvino"] = convert_to_openvino(output)
     if evaluate:
         output_dir = os.path.join(os.path.dirname(os.path.abspath(output)), "evaluation", evaluate)
-        report["evaluation"] = coco_ap_pytorch_and_onnx(cfg, model, output, evaluate, output_dir)
+        report["evaluation"] = coco_ap_pytorch_and_onnx(cfg, model, output, evaluate, output_dir,
+                                                        report["int8"]["path"] if quantize else None)
     return report
 
 
@@ -116,12 +144,19 @@ def main(argv=None):
     parser.add_argument("--evaluate", metavar="DATASET", default="",
                         help="also score PyTorch and ONNX Runtime on this registered dataset (COCOEvaluator); "
                              "a fixed-size export needs images that resize to its size, use --dynamic otherwise")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="also write <output stem>.int8.onnx: ONNX Runtime dynamic INT8 quantisation of the "
+                             "linear layers of --quantize-scope (checked / evaluated with --check / --evaluate)")
+    parser.add_argument("--quantize-scope", choices=tuple(QUANTIZE_SCOPES), default="backbone",
+                        help="backbone: the DINOv2 ViT's linear layers (default; the decoder stays fp32); "
+                             "all: every linear layer exported as MatMul")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     cfg = load_dinodet2_config(args.config_file, args.opts)
     report = export(cfg, args.weights or cfg.MODEL.WEIGHTS, args.output, args.height or cfg.INPUT.MIN_SIZE_TEST,
                     args.width or cfg.INPUT.MAX_SIZE_TEST, dynamic=args.dynamic, opset=args.opset,
-                    openvino=args.openvino, check=args.check, evaluate=args.evaluate)
+                    openvino=args.openvino, check=args.check, evaluate=args.evaluate, quantize=args.quantize,
+                    quantize_scope=args.quantize_scope)
     print(f"wrote {report['onnx']} (opset {args.opset}, input 1x3x{report['input_size'][0]}x{report['input_size'][1]}"
           f"{', dynamic height/width' if args.dynamic else ''}; {report['merged_lora_layers']} LoRA layers merged)")
     for p in report.get("parity", []):
@@ -131,12 +166,26 @@ def main(argv=None):
         found = report["training_only_names"]
         print("training-only parts in the graph: " + (", ".join(found) if found else "none") +
               f" (checked name parts: {', '.join(json.dumps(p) for p in TRAINING_ONLY_NAME_PARTS)})")
+    if "int8" in report:
+        q = report["int8"]
+        print(f"wrote {q['path']} (INT8, scope {q['scope']}: {q['quantized_matmuls']} MatMuls quantised, "
+              f"{q['int8_weights']} int8 weights, {q['fp32_matmuls']} MatMul/Gemm left in fp32)")
+    for p in report.get("int8_parity", []):
+        print(f"INT8 vs PyTorch at {p['size'][0]}x{p['size'][1]}: max |Δscore| {p['max_score_diff']:.3g}, max |Δbox| "
+              f"{p['max_box_diff']:.3g} px (nearest same-class detection, top {p['top']}), top-{p['top']} label "
+              f"agreement {p['top_label_agreement']:.0%}")
+    if "int8_feature_error" in report:
+        print("INT8 vs fp32 ONNX: relative error of the last quantised layer's output "
+              f"{report['int8_feature_error']:.3g}")
     if "openvino" in report:
         print(f"wrote OpenVINO IR {report['openvino']}")
     if "evaluation" in report:
-        torch_ap, onnx_ap = report["evaluation"]["pytorch"], report["evaluation"]["onnxruntime"]
+        evaluation = report["evaluation"]
+        torch_ap, onnx_ap = evaluation["pytorch"], evaluation["onnxruntime"]
+        int8_ap = evaluation.get("onnxruntime_int8")
         print(f"COCO box AP on {args.evaluate}: " + ", ".join(
-            f"{k} PyTorch {torch_ap[k]:.2f} / ONNX Runtime {onnx_ap[k]:.2f}" for k in ("AP", "AP50", "AP75")))
+            f"{k} PyTorch {torch_ap[k]:.2f} / ONNX Runtime {onnx_ap[k]:.2f}" +
+            (f" / INT8 {int8_ap[k]:.2f}" if int8_ap else "") for k in ("AP", "AP50", "AP75")))
     return report
 
 

@@ -5,7 +5,7 @@ default (``GridSample``, which deformable attention's ``F.grid_sample`` becomes,
 """
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from .exportable import ExportableDETR
 
 __all__ = ["CLASS_NAMES_KEY", "TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "onnx_class_names",
-           "onnx_parity", "onnxruntime_outputs", "training_only_names"]
+           "onnx_parity", "onnxruntime_outputs", "pytorch_and_onnxruntime_outputs", "training_only_names"]
 
 #: Substrings of parameter / initializer names that only training uses: denoising (``denoising.``,
 #: its ``label_embed``), the auxiliary training signals (token alignment, distillation heads), LoRA
@@ -72,18 +72,27 @@ def onnxruntime_outputs(path: str, image: torch.Tensor) -> Tuple[np.ndarray, ...
     return tuple(session.run(list(OUTPUT_NAMES), {"image": image.numpy().astype(np.float32)}))
 
 
+def pytorch_and_onnxruntime_outputs(wrapper: torch.nn.Module, path: str, images: Iterable[torch.Tensor]
+                                    ) -> Iterator[Tuple[Tuple[np.ndarray, ...], Tuple[np.ndarray, ...]]]:
+    """Per image: ``(boxes, scores, labels)`` of PyTorch (``wrapper``) and of ONNX Runtime (``path``),
+    as numpy; both must return the same number of detections."""
+    for image in images:
+        with torch.no_grad():
+            expected = tuple(t.numpy() for t in wrapper(image))
+        exported = onnxruntime_outputs(path, image)
+        if exported[1].shape != expected[1].shape:
+            raise AssertionError(f"ONNX returned {exported[1].shape[0]} detections, PyTorch {expected[1].shape[0]}")
+        yield expected, exported
+
+
 def onnx_parity(wrapper: torch.nn.Module, path: str, images: Iterable[torch.Tensor]) -> Dict[str, float]:
     """Run PyTorch (``wrapper``) and ONNX Runtime (``path``) on every image; detections are compared
     per query in score order. Returns ``max_score_diff``, ``max_box_diff`` (input pixels) and
     ``label_mismatches`` (top-k positions whose label differs; ties in score can swap two)."""
     score_diff = box_diff = 0.0
     mismatches = 0
-    for image in images:
-        with torch.no_grad():
-            boxes, scores, labels = (t.numpy() for t in wrapper(image))
-        o_boxes, o_scores, o_labels = onnxruntime_outputs(path, image)
-        if o_scores.shape != scores.shape:
-            raise AssertionError(f"ONNX returned {o_scores.shape[0]} detections, PyTorch {scores.shape[0]}")
+    pairs = pytorch_and_onnxruntime_outputs(wrapper, path, images)
+    for (boxes, scores, labels), (o_boxes, o_scores, o_labels) in pairs:
         score_diff = max(score_diff, float(np.abs(o_scores - scores).max(initial=0.0)))
         box_diff = max(box_diff, float(np.abs(o_boxes - boxes).max(initial=0.0)))
         mismatches += int((o_labels != labels).sum())
