@@ -48,6 +48,7 @@ def variants(teacher_config: str, teacher_weights: str, teacher_opts: Sequence[s
         "+ EMA": ema,
         "+ distillation": distill,
         "+ token alignment": align,
+        "+ distillation + token alignment": distill + align,
         "+ EMA + distillation": ema + distill,
         "+ EMA + distillation + token alignment": ema + distill + align,
     }
@@ -89,9 +90,7 @@ def measure_speed(config: str, table: Dict[str, List[str]], opts: Sequence[str],
         cfg = load_dinodet2_config(config, [*overrides, *opts, "MODEL.DEVICE", "cpu"])
         print(f"[training_signals] speed: {name} ...", file=sys.stderr, flush=True)
         r = run_benchmark(cfg, "train", list(image_size), batch, iters, warmup, count_flops=False)
-        speed[name] = {"s_per_iter": r["median_s_per_iter"], "peak_memory_mib": r["peak_memory_mib"],
-                       "peak_memory_kind": r["peak_memory_kind"],
-                       "other_processes_cpu_cores": r["other_processes_cpu_cores"]}
+        speed[name] = {"s_per_iter": r["median_s_per_iter"], "other_processes_cpu_cores": r["other_processes_cpu_cores"]}
     return speed
 
 
@@ -101,15 +100,17 @@ def format_markdown(result: Dict) -> str:
              f"AP50 {_f(t.get('AP50'))}, APs {_f(t.get('APs'))}, {_f(t.get('s_per_iter'), 3)} s/iter", "",
              f"{result['iters']} iterations per run, seeds {result['seeds']} (mean; per seed in brackets):", "",
              "| variant | AP | AP50 | AP75 | APs | s/iter | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
-    for r in result["summary"]:
+    for r in result.get("summary", []):
         per = "/".join(_f(v) for v in r["AP_per_seed"])
         lines.append(f"| {r['variant']} | {_f(r['AP'])} ({per}) | {_f(r['AP50'])} | {_f(r['AP75'])} | {_f(r['APs'])} | "
                      f"{_f(r['s_per_iter'], 3)} | {_f(r['peak_rss_mib'], 0)} |")
     if result.get("speed"):
+        # (memory: the runs' own peak RSS above; one process times every variant here, so its RSS peak
+        # only grows from row to row)
         lines += ["", "One training step on a synthetic batch (idle machine, median):", "",
-                  "| variant | s/iter | peak memory (MiB) |", "|---|---|---|"]
+                  "| variant | s/iter |", "|---|---|"]
         for name, r in result["speed"].items():
-            lines.append(f"| {name} | {r['s_per_iter']:.3f} | {_f(r['peak_memory_mib'], 0)} |")
+            lines.append(f"| {name} | {r['s_per_iter']:.3f} |")
     return "\n".join(lines)
 
 
@@ -129,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--output", default=None, metavar="JSON")
     p.add_argument("--speed", action="store_true",
                    help="also time one training step of every variant on a synthetic batch (idle machine)")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only --speed (no training runs; the teacher is still read or trained)")
     p.add_argument("--speed-image-size", type=int, nargs=2, default=[352, 480])
     p.add_argument("--speed-iters", type=int, default=5)
     p.add_argument("--reuse", action="store_true", help="read runs already finished in --work-dir instead of "
@@ -157,7 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     result = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "iters": args.iters, "seeds": args.seeds,
               "opts": args.opts,
               "teacher": teacher, "rows": []}
-    for seed in args.seeds:
+    args.speed = args.speed or args.speed_only
+    for seed in ([] if args.speed_only else args.seeds):
         for name in names:
             out = os.path.join(args.work_dir, f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name))
             row = {"variant": name, "seed": seed, "overrides": table[name],
