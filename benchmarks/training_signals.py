@@ -1,10 +1,16 @@
 """Training signals on the hard embedded dataset: the improved recipe alone and with EMA, knowledge
 distillation, token alignment and their combinations, at a fixed iteration budget and over several
-seeds (``tools/train_net.py`` runs, one after the other):
+seeds (``tools/train_net.py`` runs, one after the other), as in the README's table:
 
-    python benchmarks/training_signals.py --iters 300 --seeds 1 2 --output output/training_signals.json
+    python benchmarks/training_signals.py --iters 300 --seeds 1 2 --reuse --speed \
+        --variants "improved recipe" "+ EMA" "+ distillation" "+ token alignment" \
+        "+ distillation + token alignment" --output output/training_signals/result.json SOLVER.IMS_PER_BATCH 4
 
-1. The teacher, a larger model (``--teacher-config``, default the hard config with a 6-block 192-d
+Runs of different seeds can run side by side (one invocation per ``--seeds`` value, each with
+``OMP_NUM_THREADS=1``, then the command above with ``--reuse`` collects them); their logged s/iter
+then reflect the sharing, and ``--speed`` (or ``--speed-only``) times one step of every variant alone.
+
+1. The teacher, a larger model (the same config with ``TEACHER_OVERRIDES``: a 6-block 192-d
    DINOv2 and 6 decoder layers), is trained first for ``--teacher-iters`` (its own AP is reported),
    unless ``--teacher-weights`` names one already trained.
 2. Its LoRA-merged ViT is written as a Hugging Face DINOv2 (``save_pretrained``): the frozen model that
