@@ -21,7 +21,7 @@ and points), two-stage queries, top-``num_select`` detections. What cannot match
 table (the neck; the box parametrisation; group DETR vs our denoising as the training-only extra
 queries, ``--group-detr`` / ``--denoising``).
 
-Protocol (``compare_hf.py``'s): one fixed-seed synthetic batch (random 0-255 images, 5 random boxes
+Protocol (``compare_hf.py``'s, with interleaved inference rounds): one fixed-seed synthetic batch (random 0-255 images, 5 random boxes
 each) shared by both sides through a file; train step = forward + loss + ``zero_grad`` + backward +
 full-model clipping at 0.1 + fused AdamW (lr 1e-4, weight decay 1e-4); inference = batch 1,
 ``no_grad`` eval forward + post-processing (RF-DETR's ``PostProcess``; our ``detector_postprocess``);
@@ -31,8 +31,16 @@ and top-k inside the graph), ``InferenceSession.run`` on one image; and its INT8
 fp32) on the same image with the same session options (``--threads`` intra-op threads, one inter-op
 thread, ``ORT_ENABLE_ALL`` graph optimisation). The same ``--threads`` everywhere (torch in both
 processes, ONNX Runtime's intra-op threads). Median over ``--iters`` timed iterations after
-``--warmup``. Ratios are RF-DETR time / our time (> 1: ours is faster); goals of issue 15: ONNX >= 2x
+``--warmup``; PyTorch inference: median over the pooled iterations of ``--rounds`` interleaved rounds,
+each side in a fresh process per measurement (:func:`inference_rounds`). Ratios are RF-DETR time / our time (> 1: ours is faster); goals of issue 15: ONNX >= 2x
 (fp32 or INT8), PyTorch inference >= 1x.
+
+Allocator: both PyTorch sides are measured first with glibc's default ``malloc`` settings, then again
+with glibc keeping freed memory (``*_kept`` rows: our process calls ``keep_freed_memory``, what our
+tools do with ``CPU_ALLOCATOR.KEEP_FREED_MEMORY``; RF-DETR's worker runs with the equivalent
+``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` environment). Freed memory handed back to the OS
+page-faults again in the next step, which costs both sides alike, so the equal-setting rows compare
+the models and the "as shipped" row compares what each package's users get by default.
 
 Examples::
 
@@ -61,6 +69,8 @@ from dinodet2.benchmarking import (CpuContentionMeter, device_name, make_synthet
                                    run_benchmark, seed_everything, summary_stats, time_iterations)
 from dinodet2.benchmarking.training_runs import write_json  # noqa: E402
 from dinodet2.config import load_dinodet2_config  # noqa: E402
+from dinodet2.engine.cpu_allocator import (KEPT_MEMORY_ENVIRONMENT, allocator_settings_from_environment,  # noqa: E402
+                                           keep_freed_memory)
 
 BASE_CONFIG = os.path.join(_REPO_ROOT, "configs", "COCO-Detection", "detr_dinov2_base_lora4_sfp_improved.yaml")
 WORKER = os.path.join(_REPO_ROOT, "benchmarks", "rfdetr_worker.py")
@@ -97,13 +107,16 @@ def ensure_rfdetr_venv(venv: str, version: str) -> str:
     return python
 
 
-def run_worker(python: str, args, extra: Sequence[str]) -> Dict:
-    """Run ``rfdetr_worker.py`` with ``python`` and return the JSON it writes."""
+def run_worker(python: str, args, extra: Sequence[str], env: Optional[Dict[str, str]] = None) -> Dict:
+    """Run ``rfdetr_worker.py`` with ``python`` (``env`` added to the environment) and return the
+    JSON it writes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rfdetr.json")
         cmd = [python, WORKER, "--variant", args.variant, "--overrides", json.dumps(rfdetr_overrides(args)),
                "--threads", str(args.threads), "--seed", str(args.seed), "--output", out, *extra]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads > 0 else None
+        env = dict(os.environ, **(env or {}))
+        if args.threads > 0:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         done = subprocess.run(cmd, env=env)
         if done.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"rfdetr_worker.py failed (exit {done.returncode}): {' '.join(cmd)}")
@@ -299,17 +312,64 @@ def run_our_onnx(cfg, args) -> Dict[str, Dict]:
     return out
 
 
-def run_ours(cfg, args) -> Dict:
+def run_our_training(cfg, args) -> Dict:
+    """Our PyTorch train step in this process: with glibc's default allocator (``train``), then, with
+    ``--allocator-rows``, after :func:`keep_freed_memory` (``train_kept``; what our tools do with
+    ``CPU_ALLOCATOR.KEEP_FREED_MEMORY``). Run after :func:`run_our_onnx` (which wants the default)."""
     out = {}
     size = (args.resolution_used, args.resolution_used)
-    for mode, batch_size in (("train", args.batch_size), ("inference", 1)):
-        print(f"[compare_rfdetr] ours: {mode} ...", flush=True)
-        r = run_benchmark(cfg, mode, size, batch_size, args.iters, args.warmup, seed=args.seed)
+    for suffix in ("", "_kept") if args.allocator_rows else ("",):
+        if suffix and not keep_freed_memory():
+            print("[compare_rfdetr] the environment already sets the allocator: no 'train_kept' row", flush=True)
+            break
+        print(f"[compare_rfdetr] ours: train{suffix} ...", flush=True)
+        r = run_benchmark(cfg, "train", size, args.batch_size, args.iters, args.warmup, seed=args.seed)
         r.pop("peak_memory_mib", None)  # the process's RSS peak covers every model measured before
         r.pop("peak_memory_kind", None)
-        out[mode] = r
-    out.update(run_our_onnx(cfg, args))
+        out["train" + suffix] = r
     return out
+
+
+def our_inference_command(args, overrides: Sequence[str], keep: bool, output: str) -> List[str]:
+    """``tools/benchmark.py`` timing our inference (batch 1, no FLOP count) in a fresh process."""
+    return [sys.executable, os.path.join(_REPO_ROOT, "tools", "benchmark.py"), "--config-file", BASE_CONFIG,
+            "--mode", "inference", "--image-size", str(args.resolution_used), "--batch-size", "1",
+            "--iters", str(args.iters), "--warmup", str(args.warmup), "--seed", str(args.seed),
+            *(["--threads", str(args.threads)] if args.threads > 0 else []), "--no-flops", "--output", output,
+            *overrides, "CPU_ALLOCATOR.KEEP_FREED_MEMORY", str(keep)]
+
+
+def inference_rounds(python: str, args, overrides: Sequence[str], batch_file: str) -> Dict[str, Dict]:
+    """Batch-1 PyTorch inference of both sides, each measurement in a fresh process: ``--rounds``
+    rounds of RF-DETR's worker and our ``tools/benchmark.py``, each with glibc's default allocator and
+    (``--allocator-rows``) keeping freed memory, interleaved so that drift in the machine's speed (a
+    shared VM's is several per cent over minutes) hits every row alike. Returns ``{"rfdetr": {mode:
+    stats}, "ours": {mode: stats}}`` with ``mode`` in ``inference`` / ``inference_kept``, the stats over
+    the pooled iterations of all rounds."""
+    keeps = (False, True) if args.allocator_rows and allocator_settings_from_environment() is None else (False,)
+    times = {side: {} for side in ("rfdetr", "ours")}
+    busy = {side: {} for side in ("rfdetr", "ours")}
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads > 0 else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for keep in keeps:
+                mode = "inference_kept" if keep else "inference"
+                print(f"[compare_rfdetr] round {round_index + 1}/{args.rounds}: {mode}, RF-DETR then ours ...",
+                      flush=True)
+                rf = run_worker(python, args, ["--batch", batch_file, "--modes", "inference", "--iters",
+                                               str(args.iters), "--warmup", str(args.warmup)],
+                                env=KEPT_MEMORY_ENVIRONMENT if keep else None)["inference"]
+                out = os.path.join(tmp, "ours.json")
+                subprocess.run(our_inference_command(args, overrides, keep, out), check=True,
+                               env=dict(os.environ, **env), stdout=subprocess.DEVNULL)
+                with open(out) as f:
+                    ours = json.load(f)
+                for side, r in (("rfdetr", rf), ("ours", ours)):
+                    times[side].setdefault(mode, []).extend(r["times_s"])
+                    busy[side][mode] = max(busy[side].get(mode, 0.0), r.get("other_processes_cpu_cores") or 0.0)
+    return {side: {mode: {"mode": mode, "batch_size": 1, "rounds": args.rounds, **summary_stats(t, 1),
+                          "other_processes_cpu_cores": busy[side][mode]} for mode, t in modes.items()}
+            for side, modes in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +383,12 @@ def ratio_rows(rf: Dict, ours: Dict, batch_size: int) -> List[Dict]:
     """One row per comparison: RF-DETR's and our median seconds, ratio = RF-DETR / ours, the goal."""
     specs = [
         (f"training step, batch {batch_size}, PyTorch", "train", "train", None),
+        (f"training step, batch {batch_size}, PyTorch, both keeping freed memory", "train_kept", "train_kept", None),
         ("inference, batch 1, PyTorch", "inference", "inference", GOALS["inference_pytorch"]),
+        ("inference, batch 1, PyTorch, both keeping freed memory", "inference_kept", "inference_kept",
+         GOALS["inference_pytorch"]),
+        ("inference, batch 1, PyTorch, as shipped: ours keeping freed memory, RF-DETR glibc's default",
+         "inference", "inference_kept", GOALS["inference_pytorch"]),
         ("inference, batch 1: ours ONNX Runtime vs RF-DETR PyTorch", "inference", "inference_onnx",
          GOALS["inference_onnx"]),
         ("inference, batch 1: ours ONNX Runtime INT8 vs RF-DETR PyTorch", "inference", "inference_onnx_int8",
@@ -380,6 +445,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rfdetr-venv", default=DEFAULT_VENV, help="RF-DETR's virtualenv (created when missing)")
     p.add_argument("--rfdetr-version", default=RFDETR_VERSION)
+    p.add_argument("--no-allocator-rows", dest="allocator_rows", action="store_false",
+                   help="skip the second PyTorch measurement of both sides with glibc keeping freed memory "
+                        "(CPU_ALLOCATOR.KEEP_FREED_MEMORY; environment variables for RF-DETR's process)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of the inference measurements (each a fresh process per side)")
     p.add_argument("--output", default=None, metavar="JSON")
     return p
 
@@ -402,9 +472,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         batch_file = os.path.join(tmp, "batch.pt")
         save_shared_batch(batch_file, args, cfg)
         print(f"[compare_rfdetr] RF-DETR ({description['config_class']}): train, inference ...", flush=True)
-        rf = run_worker(python, args, ["--batch", batch_file, "--iters", str(args.iters),
-                                       "--warmup", str(args.warmup)])
-    ours = run_ours(cfg, args)
+        train = ["--batch", batch_file, "--modes", "train", "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        rf = run_worker(python, args, train)
+        if args.allocator_rows and allocator_settings_from_environment() is None:
+            print("[compare_rfdetr] RF-DETR, keeping freed memory: train ...", flush=True)
+            rf["train_kept"] = run_worker(python, args, train, env=KEPT_MEMORY_ENVIRONMENT)["train"]
+        overrides = our_overrides(description, args.num_classes, args.denoising == "on")
+        rounds = inference_rounds(python, args, overrides, batch_file)
+    rf.update(rounds["rfdetr"])
+    ours = {**rounds["ours"], **run_our_onnx(cfg, args), **run_our_training(cfg, args)}
     rows = ratio_rows(rf, ours, args.batch_size)
     print("\n" + speed_table(rows))
     print("times: medians in seconds; ratio > 1: ours is faster; * = other processes kept >= 0.25 CPU cores "
@@ -419,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "rfdetr_description": description,
         "our_overrides": our_overrides(description, args.num_classes, args.denoising == "on"),
         "matching": matching,
-        "rfdetr": {k: rf[k] for k in ("train", "inference") if k in rf},
+        "rfdetr": {k: rf[k] for k in ("train", "inference", "train_kept", "inference_kept") if k in rf},
         "ours": ours,
         "comparisons": rows,
         "markdown": {"settings": settings_table(matching), "speed": speed_table(rows)},

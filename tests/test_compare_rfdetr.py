@@ -68,23 +68,28 @@ def test_p3_p5_levels_map_to_our_scale_factors():
 
 def test_ratio_rows_and_tables():
     rf = {"train": {"median_s_per_iter": 3.0, "other_processes_cpu_cores": 0.0},
-          "inference": {"median_s_per_iter": 1.0, "other_processes_cpu_cores": 0.5}}
+          "inference": {"median_s_per_iter": 1.0, "other_processes_cpu_cores": 0.5},
+          "train_kept": {"median_s_per_iter": 2.4}, "inference_kept": {"median_s_per_iter": 0.9}}
     ours = {"train": {"median_s_per_iter": 2.0}, "inference": {"median_s_per_iter": 1.25},
+            "train_kept": {"median_s_per_iter": 1.6}, "inference_kept": {"median_s_per_iter": 0.75},
             "inference_onnx": {"median_s_per_iter": 0.8}, "inference_onnx_int8": {"median_s_per_iter": 0.4}}
     rows = compare_rfdetr.ratio_rows(rf, ours, batch_size=2)
-    assert [r["ratio"] for r in rows] == pytest.approx([1.5, 0.8, 1.25, 2.5])
-    assert [r["goal_met"] for r in rows] == [None, False, False, True]
-    assert [r["contended"] for r in rows] == [False, True, True, True]
+    # train, train kept, inference, inference kept, as shipped (RF default / ours kept), ONNX, INT8
+    assert [r["ratio"] for r in rows] == pytest.approx([1.5, 1.5, 0.8, 1.2, 1.0 / 0.75, 1.25, 2.5])
+    assert [r["goal_met"] for r in rows] == [None, None, False, True, True, False, True]
+    assert [r["contended"] for r in rows] == [False, False, True, False, True, True, True]
     table = compare_rfdetr.speed_table(rows).splitlines()
     assert table[0] == "| comparison | RF-DETR s | ours s | RF-DETR / ours | goal |"
     assert table[2] == "| training step, batch 2, PyTorch | 3.0000 | 2.0000 | 1.50x | - |"
-    assert table[3].endswith("| 0.80x * | >= 1x (not met) |")
-    assert table[4].endswith("| 1.25x * | >= 2x (not met) |")
-    assert table[5] == ("| inference, batch 1: ours ONNX Runtime INT8 vs RF-DETR PyTorch | 1.0000 | 0.4000 | 2.50x * "
+    assert table[4].endswith("| 0.80x * | >= 1x (not met) |")
+    assert table[5].endswith("| 0.9000 | 0.7500 | 1.20x | >= 1x (met) |")
+    assert table[6].endswith("| 1.0000 | 0.7500 | 1.33x * | >= 1x (met) |")
+    assert table[7].endswith("| 1.25x * | >= 2x (not met) |")
+    assert table[8] == ("| inference, batch 1: ours ONNX Runtime INT8 vs RF-DETR PyTorch | 1.0000 | 0.4000 | 2.50x * "
                         "| >= 2x (met) |")
-    # a side that did not run: no ratio, no verdict
+    # a side that did not run (or --no-allocator-rows): no ratio, no verdict
     missing = compare_rfdetr.ratio_rows(rf, {"train": ours["train"]}, batch_size=2)
-    assert [r["ratio"] for r in missing][1:] == [None, None, None] and missing[3]["goal_met"] is None
+    assert [r["ratio"] for r in missing][1:] == [None] * 6 and missing[3]["goal_met"] is None
 
 
 def test_fp32_and_int8_sessions_share_their_options(tmp_path):

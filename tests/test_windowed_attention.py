@@ -10,7 +10,9 @@ from detectron2.structures import ImageList
 from conftest import make_train_batch
 
 from dinodet2.modeling.backbone import build_dinov2_backbone, merge_lora_
-from dinodet2.modeling.backbone.windowed_attention import merge_windows, partition_windows
+from dinodet2.modeling.backbone.windowed_attention import (average_window_prefix, join_windows, merge_windows,
+                                                          partition_windows, split_windows, to_window_order,
+                                                          window_order_to_maps)
 from dinodet2.modeling.neck.simple_feature_pyramid import build_dinov2_sfp_backbone
 
 
@@ -84,6 +86,23 @@ def test_partition_puts_each_window_in_row_major_order():
     assert windows[2, 1:].tolist() == [12.0, 13.0, 14.0, 18.0, 19.0, 20.0]
 
 
+@pytest.mark.parametrize("grid,n,prefix", [((4, 6), 2, 1), ((6, 9), 3, 5), ((4, 4), 1, 1), ((8, 4), 4, 2)])
+def test_window_order_steps_equal_partitioning_and_merging(grid, n, prefix):
+    """The backbone's window-order path (one re-arrangement in, views per windowed block, one out)
+    gives exactly what partitioning / merging around every windowed block gives."""
+    h, w = grid
+    hidden = torch.randn(3, prefix + h * w, 8)
+    ordered = to_window_order(hidden, prefix, grid, n)
+    assert torch.equal(split_windows(ordered, prefix, n), partition_windows(hidden, prefix, grid, n))
+    windows = partition_windows(hidden, prefix, grid, n) * 1.5 + 0.25  # a "block" output per window
+    merged = merge_windows(windows, prefix, grid, n)
+    assert torch.equal(join_windows(windows, prefix, n), to_window_order(merged, prefix, grid, n))
+    assert torch.equal(average_window_prefix(windows, prefix, n), partition_windows(merged, prefix, grid, n))
+    maps = merged[:, prefix:].transpose(1, 2).reshape(3, 8, h, w)
+    assert torch.equal(window_order_to_maps(windows[:, prefix:], 3, grid, n), maps)
+    assert torch.equal(window_order_to_maps(join_windows(windows, prefix, n)[:, prefix:], 3, grid, n), maps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exactness and equivalence to a per-window computation
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +151,26 @@ def test_windowed_with_registers_matches_per_window_reference(tiny_cfg):
         out = backbone(x)
         maps = _manual_forward(backbone.vit, x, {0}, 3, prefix=5)
     for layer in (0, 1):
+        assert (out[f"layer{layer}"] - maps[layer]).abs().max() < 1e-5, layer
+
+
+def test_runs_of_windowed_and_global_blocks_match_the_per_window_reference(tiny_cfg):
+    """Windowed -> windowed -> global -> windowed -> global, a feature map after every block."""
+    tiny_cfg.MODEL.DINOV2.NUM_LAYERS = 5
+    tiny_cfg.MODEL.DINOV2.NUM_REGISTER_TOKENS = 2
+    tiny_cfg.MODEL.DINOV2.PRETRAIN_IMAGE_SIZE = 56
+    tiny_cfg.MODEL.DINOV2.OUT_INDICES = [0, 1, 2, 3, 4]
+    tiny_cfg.MODEL.DINOV2.WINDOW_BLOCK_INDEXES = [0, 1, 3]
+    tiny_cfg.MODEL.DINOV2.NUM_WINDOWS = 2
+    tiny_cfg.MODEL.LORA.ENABLED = False
+    backbone = build_dinov2_backbone(tiny_cfg).eval()
+    x = torch.randn(2, 3, 56, 84)  # 4x6 grid, 2x2 windows of 2x3 patches
+    with torch.no_grad():
+        out = backbone(x)
+        maps = _manual_forward(backbone.vit, x, {0, 1, 3}, 2, prefix=3)
+    for layer in range(5):
+        assert out[f"layer{layer}"].shape == (2, 32, 4, 6)
+        assert out[f"layer{layer}"].is_contiguous()
         assert (out[f"layer{layer}"] - maps[layer]).abs().max() < 1e-5, layer
 
 

@@ -58,6 +58,7 @@ from dinodet2.benchmarking import (  # noqa: E402
     run_benchmark,
 )
 from dinodet2.config import load_dinodet2_config  # noqa: E402
+from dinodet2.engine.cpu_allocator import apply_allocator_config  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -88,12 +89,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     except BenchmarkSetupError as e:
         sys.exit(f"error: {e}")
     cfg = load_dinodet2_config(args.config_file, args.opts)
+    kept = apply_allocator_config(cfg)
     try:
         result = run_benchmark(cfg, args.mode, image_size, args.batch_size, args.iters, args.warmup,
                                seed=args.seed, count_flops=not args.no_flops)
     except BenchmarkSetupError as e:
         sys.exit(f"error: {e}")
-    result = {"config_file": args.config_file, "overrides": list(args.opts), **result}
+    result = {"config_file": args.config_file, "overrides": list(args.opts),
+              "cpu_allocator": "keeps freed memory" if kept else "unchanged", **result}
     print(format_summary(result))
     text = json.dumps(result, indent=2)
     print(text)

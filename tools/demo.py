@@ -50,6 +50,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
+from dinodet2.engine.cpu_allocator import apply_allocator_config  # noqa: E402
 from dinodet2.engine import build_predictor, model_class_names  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -186,6 +187,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="dinodet2")
     cfg = load_dinodet2_config(args.config_file, args.opts)
+    apply_allocator_config(cfg)
     metadata = Metadata(name="dinodet2_demo", thing_classes=model_class_names(cfg))
     predictor = build_predictor(cfg)
     if args.video_input:

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
+from dinodet2.engine.cpu_allocator import apply_allocator_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer, Trainer, stored_class_names  # noqa: E402
 from dinodet2.export import (QUANTIZE_SCOPES, TRAINING_ONLY_NAME_PARTS, OnnxDetector,  # noqa: E402
                              convert_to_openvino, export_onnx, feature_error, int8_parity, onnx_parity,
@@ -153,6 +154,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     cfg = load_dinodet2_config(args.config_file, args.opts)
+    apply_allocator_config(cfg)
     report = export(cfg, args.weights or cfg.MODEL.WEIGHTS, args.output, args.height or cfg.INPUT.MIN_SIZE_TEST,
                     args.width or cfg.INPUT.MAX_SIZE_TEST, dynamic=args.dynamic, opset=args.opset,
                     openvino=args.openvino, check=args.check, evaluate=args.evaluate, quantize=args.quantize,

@@ -21,6 +21,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from dinodet2.config import load_dinodet2_config  # noqa: E402
 from dinodet2.engine import Dinodet2Checkpointer, Trainer, prepare_datasets  # noqa: E402
+from dinodet2.engine.cpu_allocator import apply_allocator_config  # noqa: E402
 
 
 def setup(args):
@@ -28,6 +29,7 @@ def setup(args):
     cfg = load_dinodet2_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dinodet2")
+    apply_allocator_config(cfg)
     return cfg
 
 

@@ -20,11 +20,14 @@ from .lora import (
     layer_index_of,
 )
 from .windowed_attention import (
+    average_window_prefix,
     check_grid_divisible,
-    merge_windows,
-    partition_windows,
+    join_windows,
     resolve_window_blocks,
+    split_windows,
+    to_window_order,
     validate_num_windows,
+    window_order_to_maps,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,20 +240,32 @@ class Dinov2Backbone(Backbone):
         hidden = emb.dropout(torch.cat(tokens, dim=1))
 
         prefix = 1 + self.num_register_tokens
+        n = self.num_windows
+        # With windowed blocks the patch tokens stay in window order throughout (windowed_attention):
+        # windowed blocks run on a view of it ([B * n*n, prefix + window tokens, C]), global blocks on
+        # [B, prefix + h*w, C] with one prefix copy (attention is order-independent).
+        if self.window_blocks:
+            hidden = to_window_order(hidden, prefix, (h, w), n)
+        in_windows = False
         outputs = {}
         for i, block in enumerate(self.vit.encoder.layer[:last + 1]):
             windowed = i in self.window_blocks
-            if windowed:  # the unchanged HF block runs on [B * n*n, prefix + window tokens, C]
-                hidden = partition_windows(hidden, prefix, (h, w), self.num_windows)
+            if windowed:
+                hidden = (average_window_prefix(hidden, prefix, n) if in_windows
+                          else split_windows(hidden, prefix, n))
+            elif in_windows:
+                hidden = join_windows(hidden, prefix, n)
+            in_windows = windowed
             hidden = block(hidden)
             if isinstance(hidden, tuple):  # transformers 4.x blocks return tuples
                 hidden = hidden[0]
-            if windowed:
-                hidden = merge_windows(hidden, prefix, (h, w), self.num_windows)
             if i in out_indices:
                 out = self.vit.layernorm(hidden) if self.apply_layernorm else hidden
-                out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
-                outputs[f"layer{i}"] = out.contiguous()
+                if self.window_blocks:
+                    outputs[f"layer{i}"] = window_order_to_maps(out[:, prefix:], batch, (h, w), n)
+                else:
+                    out = out[:, prefix:].transpose(1, 2).reshape(batch, self.hidden_size, h, w)
+                    outputs[f"layer{i}"] = out.contiguous()
         return outputs
 
     def extra_losses(self) -> Dict[str, torch.Tensor]:

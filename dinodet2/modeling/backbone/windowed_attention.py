@@ -1,12 +1,20 @@
 """Windowed self-attention for chosen DINOv2 blocks (as in ViTDet and RF-DETR), without forking HF.
 
 A windowed block sees the patch-token grid split into ``n x n`` non-overlapping windows. The
-unchanged HF block runs on a re-arranged sequence: :func:`partition_windows` turns
-``[B, P + h*w, C]`` (``P`` prefix tokens: CLS + registers, then the patch grid in row-major order)
-into ``[B * n*n, P + (h/n)*(w/n), C]``, where every window gets its own copy of the prefix tokens;
-:func:`merge_windows` puts the patch tokens back in row-major order and averages each prefix token
-over the windows. Since the block itself is untouched, parameter names, checkpoints and LoRA
-injection / merging are the same as without windows; with ``n = 1`` both steps are exact no-ops.
+unchanged HF block runs on a re-arranged sequence ``[B * n*n, P + (h/n)*(w/n), C]`` (``P`` prefix
+tokens: CLS + registers, each window with its own copy, then the window's patch tokens in row-major
+order); after it, each prefix token is averaged over the image's windows. :func:`partition_windows`
+and :func:`merge_windows` are these two steps for a sequence whose patch grid is in row-major order.
+
+The backbone itself avoids moving every token twice per windowed block: it puts the patch tokens in
+*window order* once (:func:`to_window_order`: window by window, each window row-major), where a
+window batch is a view (:func:`split_windows` / :func:`join_windows` only copy the prefix tokens
+in), keeps that order through global blocks (attention does not depend on token order), averages
+only the prefix tokens between consecutive windowed blocks (:func:`average_window_prefix`), and
+restores the grid for the feature maps it returns (:func:`window_order_to_maps`). The result is the
+one of partitioning and merging around every windowed block. Since the blocks are untouched,
+parameter names, checkpoints and LoRA injection / merging are the same as without windows; with
+``n = 1`` every step is an exact copy.
 
 Attention cost of a windowed block drops from ``(h*w)^2`` to ``(h*w)^2 / n^2`` token pairs; the
 linear layers (and the MLP) cost the same. HF's drop-path (stochastic depth) draws per sequence, so in
@@ -17,7 +25,8 @@ from typing import Iterable, Optional, Sequence, Set
 import torch
 
 __all__ = [
-    "check_grid_divisible", "merge_windows", "partition_windows", "resolve_window_blocks", "validate_num_windows",
+    "average_window_prefix", "check_grid_divisible", "join_windows", "merge_windows", "partition_windows",
+    "resolve_window_blocks", "split_windows", "to_window_order", "validate_num_windows", "window_order_to_maps",
 ]
 
 
@@ -81,3 +90,55 @@ def merge_windows(windows: torch.Tensor, prefix: int, grid: Sequence[int], num_w
     patches = windows[:, prefix:].reshape(batch, n, n, h // n, w // n, channels)
     patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, h * w, channels)
     return torch.cat([prefix_tokens, patches], dim=1)
+
+
+def to_window_order(hidden: torch.Tensor, prefix: int, grid: Sequence[int], num_windows: int) -> torch.Tensor:
+    """``[B, prefix + h*w, C]`` with the patch grid in row-major order -> the same tokens with the
+    patches in window order (window by window in row-major order of the windows, each window's
+    patches row-major)."""
+    batch, _, channels = hidden.shape
+    h, w = grid
+    n = num_windows
+    patches = hidden[:, prefix:].reshape(batch, n, h // n, n, w // n, channels).permute(0, 1, 3, 2, 4, 5)
+    return torch.cat([hidden[:, :prefix], patches.reshape(batch, h * w, channels)], dim=1)
+
+
+def split_windows(hidden: torch.Tensor, prefix: int, num_windows: int) -> torch.Tensor:
+    """``[B, prefix + h*w, C]`` in window order -> ``[B * n*n, prefix + h*w / n^2, C]``, every window
+    with a copy of the ``prefix`` tokens (the patches are a view; only the result is a new tensor)."""
+    batch, tokens, channels = hidden.shape
+    windows = num_windows * num_windows
+    patches = hidden[:, prefix:].reshape(batch * windows, (tokens - prefix) // windows, channels)
+    prefix_tokens = hidden[:, :prefix].unsqueeze(1).expand(batch, windows, prefix, channels)
+    return torch.cat([prefix_tokens.reshape(batch * windows, prefix, channels), patches], dim=1)
+
+
+def join_windows(windows: torch.Tensor, prefix: int, num_windows: int) -> torch.Tensor:
+    """Inverse of :func:`split_windows`: ``[B * n*n, prefix + t, C]`` -> ``[B, prefix + n*n*t, C]`` in
+    window order, each prefix token averaged over the image's windows."""
+    count, tokens, channels = windows.shape
+    per_image = num_windows * num_windows
+    batch = count // per_image
+    prefix_tokens = windows[:, :prefix].reshape(batch, per_image, prefix, channels).mean(dim=1)
+    patches = windows[:, prefix:].reshape(batch, per_image * (tokens - prefix), channels)
+    return torch.cat([prefix_tokens, patches], dim=1)
+
+
+def average_window_prefix(windows: torch.Tensor, prefix: int, num_windows: int) -> torch.Tensor:
+    """``split_windows(join_windows(windows))`` without re-arranging the patches: every window's prefix
+    tokens replaced by their average over the image's windows."""
+    count, _, channels = windows.shape
+    per_image = num_windows * num_windows
+    prefix_tokens = windows[:, :prefix].reshape(count // per_image, per_image, prefix, channels)
+    prefix_tokens = prefix_tokens.mean(dim=1, keepdim=True).expand(-1, per_image, -1, -1)
+    return torch.cat([prefix_tokens.reshape(count, prefix, channels), windows[:, prefix:]], dim=1)
+
+
+def window_order_to_maps(patches: torch.Tensor, batch: int, grid: Sequence[int], num_windows: int) -> torch.Tensor:
+    """Patch tokens in window order (``[B, h*w, C]``, or the ``[B * n*n, h*w / n^2, C]`` window batch)
+    -> contiguous ``[B, C, h, w]`` feature maps."""
+    h, w = grid
+    n = num_windows
+    channels = patches.shape[-1]
+    maps = patches.reshape(batch, n, n, h // n, w // n, channels).permute(0, 5, 1, 3, 2, 4)
+    return maps.reshape(batch, channels, h, w).contiguous()
