@@ -46,6 +46,7 @@ COST_OPTIONS = {
     "+ stride-3.5 level, decoder only": [*FOUR_LEVELS, "MODEL.DETR.DECODER_ONLY_LEVELS", "[0]"],
     "+ per-level proposal heads": ["MODEL.DETR.SCALE_AWARE.PROPOSAL_HEADS", "per_level"],
     "+ size-conditioned decoder heads": ["MODEL.DETR.SCALE_AWARE.DECODER_HEADS", "size_conditioned"],
+    "+ cascade refinement": ["MODEL.DETR.REFINEMENT.ENABLED", "True"],
 }
 
 
@@ -58,6 +59,8 @@ TRAINING_OPTIONS = {
     "+ cascade refinement": ["MODEL.DETR.REFINEMENT.ENABLED", "True"],
 }
 TRAINING_OPTIONS["all of them"] = [v for overrides in TRAINING_OPTIONS.values() for v in overrides]
+COST_OPTIONS["all of them (stride 3.5 decoder only)"] = TRAINING_OPTIONS["all of them"]
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "s_per_iter", "peak_rss_mib")
 
 
 def run_name(name: str, seed: int) -> str:
@@ -78,7 +81,7 @@ def measure_training(args) -> Dict:
                                  cwd=_REPO_ROOT, reuse=args.reuse, label="small_objects")
             rows.append({"variant": name, "seed": seed, "overrides": overrides, **r})
             print(f"[small_objects] {name} seed {seed}: AP {r.get('AP')}", file=sys.stderr, flush=True)
-    return {"iters": args.iters, "seeds": args.seeds, "rows": rows, "summary": mean_over_seeds(rows)}
+    return {"iters": args.iters, "seeds": args.seeds, "rows": rows, "summary": mean_over_seeds(rows, SUMMARY_KEYS)}
 
 
 def measure_sliced(args) -> Dict:
@@ -164,11 +167,13 @@ def format_markdown(result: Dict) -> str:
     if "training" in result:
         t = result["training"]
         lines += ["", f"{t['iters']} iterations per run, seeds {t['seeds']} (mean; AP per seed in brackets):", "",
-                  "| option | AP | AP50 | AP75 | APs | s/iter | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+                  "| option | AP | AP50 | AP75 | APs | APm | s/iter (logged) | peak RSS (MiB) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in t["summary"]:
             per = "/".join(f"{v:.2f}" for v in r["AP_per_seed"])
             lines.append(f"| {r['variant']} | {_f(r['AP'])} ({per}) | {_f(r['AP50'])} | {_f(r['AP75'])} | "
-                         f"{_f(r['APs'])} | {_f(r['s_per_iter'], 3)} | {_f(r['peak_rss_mib'], 0)} |")
+                         f"{_f(r['APs'])} | {_f(r.get('APm'))} | {_f(r['s_per_iter'], 3)} | "
+                         f"{_f(r['peak_rss_mib'], 0)} |")
     if "sliced" in result:
         sl = result["sliced"]
         lines += ["", f"{sl['images']} generated images, sides {sl['size'] * 7 // 8}-{sl['size']} px ({sl['weights']}):", "",
@@ -186,13 +191,15 @@ def _f(value: Optional[float], digits: int = 2) -> str:
 def _format_cost(c: Dict) -> List[str]:
     lines = [f"Synthetic batch of {c['batch']} at {c['image_size'][0]} x {c['image_size'][1]}, median of {c['iters']}:",
              "", "| option | GFLOPs/img | tensor peak, train step (MiB) | tensor peak, inference (MiB) | "
-             "train s/iter | inference s/iter | other CPU load (cores) |", "|---|---|---|---|---|---|---|"]
+             "train s/iter | inference s/iter | inference images/s | other CPU load (cores) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
         load = max(r["train"]["other_processes_cpu_cores"] or 0, r["inference"]["other_processes_cpu_cores"] or 0)
         train_peak = "–" if r["tensor_peak_train_mib"] is None else f"{r['tensor_peak_train_mib']:.0f}"
         lines.append(f"| {r['name']} | {r['gflops_per_image']:.2f} | {train_peak} | "
                      f"{r['tensor_peak_inference_mib']:.0f} | {r['train']['s_per_iter']:.3f} | "
-                     f"{r['inference']['s_per_iter']:.3f} | {load:.1f} |")
+                     f"{r['inference']['s_per_iter']:.3f} | {c['batch'] / r['inference']['s_per_iter']:.2f} | "
+                     f"{load:.1f} |")
     return lines
 
 
