@@ -1,6 +1,5 @@
 """tools/demo.py: a trained model on a folder of images and on a video; class names stored with
 the checkpoint; merged LoRA checkpoints carry them over."""
-import importlib.util
 import json
 import logging
 
@@ -14,17 +13,10 @@ from detectron2.modeling import build_model
 from dinodet2.config import load_dinodet2_config
 from dinodet2.engine import Dinodet2Checkpointer, build_predictor, class_names_of, model_class_names
 
-from conftest import REPO_ROOT, make_tiny_cfg, write_images
+from conftest import load_tool, make_tiny_cfg, write_images
 
 FRUIT = ["apple", "pear", "plum"]
 TRAIN_SET = "demo_test_fruit_train"  # registered only while the checkpoint is written
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def test_demo_on_a_folder_matches_the_predictor(trained, tmp_path):
     threshold = scores.median().item()  # some detections pass, some do not
 
     out = tmp_path / "out"
-    json_path = _load_tool("demo").main(["--config-file", str(trained / "config.yaml"), "--input",
+    json_path = load_tool("demo").main(["--config-file", str(trained / "config.yaml"), "--input",
                                          str(tmp_path / "images"), "--output", str(out),
                                          "--confidence-threshold", str(threshold)])
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["predictions.json"])
@@ -96,7 +88,7 @@ def test_demo_on_a_video_writes_every_frame(trained, tmp_path):
     writer.release()
 
     video_out = tmp_path / "out" / "annotated.mp4"
-    json_path = _load_tool("demo").main(["--config-file", str(trained / "config.yaml"), "--video-input",
+    json_path = load_tool("demo").main(["--config-file", str(trained / "config.yaml"), "--video-input",
                                          str(video_in), "--output", str(video_out), "--confidence-threshold", "0"])
     capture = cv2.VideoCapture(str(video_out))
     frames = []
@@ -133,11 +125,11 @@ def test_class_names_checkpoint_then_dataset_then_numbered(trained, tmp_path, ca
 
 def test_merged_lora_checkpoint_keeps_names_and_predictions(trained, tmp_path):
     _write_images(tmp_path / "images")
-    demo = _load_tool("demo")
+    demo = load_tool("demo")
     original = json.loads(open(demo.main(["--config-file", str(trained / "config.yaml"), "--input",
                                           str(tmp_path / "images" / "*.png"), "--output", str(tmp_path / "a"),
                                           "--confidence-threshold", "0"])).read())
-    _load_tool("merge_lora").main(["--config-file", str(trained / "config.yaml"), "--weights",
+    load_tool("merge_lora").main(["--config-file", str(trained / "config.yaml"), "--weights",
                                    str(trained / "model_final.pth"), "--output-dir", str(tmp_path / "merged"),
                                    "--image-size", "56", "--iters", "0"])
     assert class_names_of(str(tmp_path / "merged" / "model_merged.pth")) == FRUIT
@@ -152,10 +144,25 @@ def test_merged_lora_checkpoint_keeps_names_and_predictions(trained, tmp_path):
 
 
 def test_demo_input_errors_name_the_argument(tmp_path):
-    demo = _load_tool("demo")
+    demo = load_tool("demo")
     with pytest.raises(FileNotFoundError, match="--input .*missing"):
         demo.expand_inputs([str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no images"):
         demo.expand_inputs([str(tmp_path / "empty")])
     assert demo.output_names(["x/a.jpg", "y/a.jpg", "z/a.bmp"]) == ["a.jpg", "a_1.jpg", "a.png"]
+
+
+def test_a_class_id_without_a_name_is_a_clear_error():
+    """A config with fewer classes than the model (e.g. an exported graph run with another config):
+    a ValueError naming NUM_CLASSES, not an IndexError from the visualizer."""
+    from detectron2.structures import Boxes, Instances
+
+    demo = load_tool("demo")
+    instances = Instances((20, 30), pred_boxes=Boxes(torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 4.0, 4.0]])),
+                          scores=torch.tensor([0.9, 0.2]), pred_classes=torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="class id 4, but the config gives it 3 classes.*NUM_CLASSES"):
+        demo.confident({"instances": instances}, 0.5, FRUIT)
+    kept = demo.confident({"instances": instances}, 0.5, FRUIT + ["fig", "kiwi"])
+    assert kept.pred_classes.tolist() == [1]
+    assert demo.detection_records(kept, FRUIT + ["fig", "kiwi"], image_id=0)[0]["category_name"] == "pear"

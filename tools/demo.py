@@ -100,8 +100,17 @@ def detection_records(instances, class_names, **fields):
     return records
 
 
-def confident(predictions, threshold):
+def confident(predictions, threshold, class_names):
+    """The detections scoring at least ``threshold``, on the CPU. A class id without a name means the
+    config does not describe the model (e.g. an exported graph with more classes than its
+    ``MODEL.DETR.NUM_CLASSES``): a ValueError says so instead of an IndexError while drawing."""
     instances = predictions["instances"].to("cpu")
+    if len(instances) and int(instances.pred_classes.max()) >= len(class_names):
+        raise ValueError(
+            f"The model predicted class id {int(instances.pred_classes.max())}, but the config gives it "
+            f"{len(class_names)} classes (MODEL.DETR.NUM_CLASSES and the stored / dataset class names). Run the "
+            "demo with the config the model was trained (and exported) with, e.g. the config.yaml in its "
+            "OUTPUT_DIR, or set MODEL.DETR.NUM_CLASSES to the model's class count.")
     return instances[instances.scores >= threshold]
 
 
@@ -112,7 +121,7 @@ def run_on_images(predictor, paths, output_dir, metadata, threshold):
         image_bgr = cv2.imread(path)
         if image_bgr is None:
             raise FileNotFoundError(f"Cannot read image {path} (not an image OpenCV can decode).")
-        instances = confident(predictor(image_bgr), threshold)
+        instances = confident(predictor(image_bgr), threshold, metadata.thing_classes)
         drawn = Visualizer(image_bgr[:, :, ::-1], metadata=metadata).draw_instance_predictions(instances).get_image()
         out_path = os.path.join(output_dir, name)
         if not cv2.imwrite(out_path, drawn[:, :, ::-1]):
@@ -155,7 +164,7 @@ def run_on_video(predictor, video_input, output, metadata, threshold):
             ok, frame_bgr = video.read()
             if not ok:
                 break
-            instances = confident(predictor(frame_bgr), threshold)
+            instances = confident(predictor(frame_bgr), threshold, metadata.thing_classes)
             drawn = visualizer.draw_instance_predictions(frame_bgr[:, :, ::-1], instances).get_image()
             writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             records += detection_records(instances, metadata.thing_classes, file_name=video_input,
