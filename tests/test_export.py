@@ -369,3 +369,29 @@ def test_quantize_scope_all_and_refusals(seed_export, tmp_path):
     onnx.save(model, str(tmp_path / "anonymous.onnx"))
     with pytest.raises(ValueError, match="no MatMul node .*model.backbone.*--quantize-scope all"):
         quantize_int8(str(tmp_path / "anonymous.onnx"))
+
+
+def test_parity_does_not_count_a_rank_swap_as_a_box_error(monkeypatch):
+    """Two near-equal scores swapped by the other runtime: no box error; a moved box: its distance;
+    a class missing on the ONNX side: inf."""
+
+    from dinodet2.export import onnx_export
+
+    boxes = np.array([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 70.0], [5.0, 5.0, 8.0, 9.0]], dtype=np.float32)
+    scores = np.array([0.500001, 0.5, 0.1], dtype=np.float32)
+    labels = np.array([2, 2, 1])
+    swapped = (boxes[[1, 0, 2]], scores[[1, 0, 2]], labels)
+    monkeypatch.setattr(onnx_export, "pytorch_and_onnxruntime_outputs",
+                        lambda wrapper, path, images: [((boxes, scores, labels), swapped)])
+    parity = onnx_export.onnx_parity(None, "unused.onnx", [None])
+    assert parity["max_box_diff"] == 0.0 and parity["label_mismatches"] == 0
+    assert parity["max_score_diff"] == pytest.approx(1e-6, abs=1e-6)
+    moved = (boxes + np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 3.0, 0]], dtype=np.float32), scores, labels)
+    monkeypatch.setattr(onnx_export, "pytorch_and_onnxruntime_outputs",
+                        lambda wrapper, path, images: [((boxes, scores, labels), moved)])
+    assert onnx_export.onnx_parity(None, "unused.onnx", [None])["max_box_diff"] == pytest.approx(3.0)
+    relabelled = (boxes, scores, np.array([2, 2, 0]))
+    monkeypatch.setattr(onnx_export, "pytorch_and_onnxruntime_outputs",
+                        lambda wrapper, path, images: [((boxes, scores, labels), relabelled)])
+    parity = onnx_export.onnx_parity(None, "unused.onnx", [None])
+    assert parity["max_box_diff"] == float("inf") and parity["label_mismatches"] == 1

@@ -108,7 +108,7 @@ def quantized_matmuls(path: str) -> Dict[str, int]:
 def int8_parity(wrapper: torch.nn.Module, path: str, images: Iterable[torch.Tensor], top: int = 10) -> Dict[str, float]:
     """PyTorch (``wrapper``, fp32) vs the quantised graph at ``path`` through ONNX Runtime on every
     image. Quantisation moves scores enough to swap near-equal ones, so detections are not compared
-    rank by rank as in :func:`~dinodet2.export.onnx_parity`:
+    rank by rank (as :func:`~dinodet2.export.onnx_parity`'s boxes, over the ``top`` best only):
 
     * ``max_score_diff``: max |Δ| between the two descending score lists (the i-th best score moves
       by no more than the largest score change of any detection);
