@@ -213,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--options", nargs="+", default=None, help="training section: the options to run (default: all)")
+    p.add_argument("--options", nargs="+", default=None,
+                   help="the options to run in the cost or the training section (default: all of the section's)")
     p.add_argument("--work-dir", default=os.path.join(_REPO_ROOT, "output", "small_objects"))
     p.add_argument("--reuse", action="store_true", help="read finished training runs instead of running them again")
     p.add_argument("--weights", default=None, help="sliced section: the trained model (default: see the docstring)")
@@ -230,8 +231,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     torch.set_num_threads(args.threads)
     result: Dict = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "torch": torch.__version__}
     if "cost" in sections:
+        names = args.options or list(COST_OPTIONS)
+        if set(names) - set(COST_OPTIONS):
+            sys.exit(f"error: unknown --options {sorted(set(names) - set(COST_OPTIONS))} for the cost section; "
+                     f"choose from {list(COST_OPTIONS)}")
+        options = {name: COST_OPTIONS[name] for name in names}
         result["cost"] = {"image_size": args.image_size, "batch": args.batch, "iters": args.iters,
-                          "rows": measure_cost(args.config, COST_OPTIONS, args.opts, args.image_size, args.batch,
+                          "rows": measure_cost(args.config, options, args.opts, args.image_size, args.batch,
                                                args.iters, args.warmup)}
     for section, measure in (("training", measure_training), ("sliced", measure_sliced)):
         if section in sections:
