@@ -60,7 +60,12 @@ TRAINING_OPTIONS = {
     "+ cascade refinement": ["MODEL.DETR.REFINEMENT.ENABLED", "True"],
 }
 TRAINING_OPTIONS["all of them"] = [v for overrides in TRAINING_OPTIONS.values() for v in overrides]
+# What helped on its own: cascade refinement (which then pools the stride-3.5 level) on top of the
+# decoder-only stride-3.5 level; without the scale-aware heads, which did not help.
+TRAINING_OPTIONS["cascade + stride-3.5 level, decoder only"] = [
+    *TRAINING_OPTIONS["+ stride-3.5 level, decoder only"], *TRAINING_OPTIONS["+ cascade refinement"]]
 COST_OPTIONS["all of them (stride 3.5 decoder only)"] = TRAINING_OPTIONS["all of them"]
+COST_OPTIONS["cascade + stride-3.5 level, decoder only"] = TRAINING_OPTIONS["cascade + stride-3.5 level, decoder only"]
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "s_per_iter", "peak_rss_mib")
 
 

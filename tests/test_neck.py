@@ -52,6 +52,10 @@ def test_a_half_stride_level_is_p3_5_and_finer_fractions_are_refused(tiny_cfg):
     assert backbone.output_shape()["p3_5"].stride == 3.5
     out = backbone(torch.randn(1, 3, 56, 112))
     assert out["p3_5"].shape[-2:] == (16, 32) and out["p7"].shape[-2:] == (8, 16)
+    # odd, non-square patch grid (5 x 7 patches): stride 3.5 exactly, twice the stride-7 grid
+    out = backbone(torch.randn(1, 3, 70, 98))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        "p3_5": (20, 28), "p7": (10, 14), "p14": (5, 7), "p28": (2, 3)}
     # 14 / 8 = 1.75: refused with the stride named
     with pytest.raises(ValueError, match="1.75"):
         build_dinov2_sfp_backbone(_sfp_cfg(tiny_cfg, scales=(8.0, 1.0)))
