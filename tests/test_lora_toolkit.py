@@ -403,6 +403,15 @@ def test_trainer_registers_the_adalora_hook_and_writes_the_allocation(tmp_path):
     assert saved["iteration"] == 6 and len(saved["ranks"]) == 4
     assert sum(saved["ranks"].values()) < 4 * 4  # pruned below INIT_R everywhere in total
     assert "loss_adalora_orth" in trainer.storage.latest()
+    # the checkpoint carries peft's AdaLoRA state (statistics, final rank pattern) for a resume
+    state = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=False)
+    hook_state = state["trainer"]["hooks"]["AdaLoraBudgetHook"]
+    assert set(hook_state) == {"ipt", "exp_avg_ipt", "exp_avg_unc", "rank_pattern"}
+    assert hook_state["rank_pattern"] and len(hook_state["exp_avg_ipt"]) == 4 * 3  # 4 modules x A, E, B
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    hook = next(h for h in resumed._hooks if isinstance(h, AdaLoraBudgetHook))
+    assert hook.state_dict()["rank_pattern"] == hook_state["rank_pattern"]
 
 
 def test_rank_rules_and_injection_on_transformers4_module_names():
@@ -427,3 +436,86 @@ def test_rank_rules_and_injection_on_transformers4_module_names():
     }
     ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert ranks == {n: p["rank"] for n, p in plan.items()}
+
+
+def test_adalora_state_resumes_with_the_checkpoint(tiny_cfg, tmp_path):
+    """peft keeps AdaLoRA's importance averages and final rank pattern outside the state dict: the
+    hook's state carries them through a checkpoint (saved and loaded on the CPU, as the trainer's
+    checkpointer does). A run resumed before the final phase has the uninterrupted run's statistics
+    (a run resumed without them does not) and ends with its weights and ranks; a run resumed in the
+    final phase (rank pattern fixed at step 6 of 10) ends the same too."""
+    cfg = _cfg(tiny_cfg, **{"MODEL.LORA.ADALORA.ENABLED": True, "MODEL.LORA.ADALORA.INIT_R": 6,
+                            "MODEL.LORA.ADALORA.TARGET_R": 2, "MODEL.LORA.ADALORA.TINIT": 2,
+                            "MODEL.LORA.ADALORA.TFINAL": 4, "MODEL.LORA.ADALORA.DELTA_T": 1,
+                            "SOLVER.MAX_ITER": 10})
+
+    def start():
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        hook = AdaLoraBudgetHook(model, str(tmp_path), log_period=100)
+        hook.trainer = _FakeTrainer()
+        return model, hook, build_optimizer(cfg, model)
+
+    def train(model, hook, optimizer, steps):
+        for step in steps:
+            torch.manual_seed(step)
+            hook.trainer.iter = step
+            losses = model(_train_batch())
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            hook.after_step()
+
+    def save(model, hook, optimizer, name):
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": hook.state_dict()},
+                   tmp_path / name)
+
+    def resume(name, with_hook_state=True):
+        model, hook, optimizer = start()
+        checkpoint = torch.load(tmp_path / name, map_location="cpu")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if with_hook_state:
+            hook.load_state_dict(checkpoint["hook"])
+        return model, hook, optimizer
+
+    def lora_e(model):
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora_E" in k}
+
+    model, hook, optimizer = start()
+    train(model, hook, optimizer, range(4))
+    save(model, hook, optimizer, "step4.pth")
+    train(model, hook, optimizer, range(4, 6))
+    statistics = hook.state_dict()["exp_avg_ipt"]
+    train(model, hook, optimizer, range(6, 8))
+    save(model, hook, optimizer, "step8.pth")
+    train(model, hook, optimizer, range(8, 10))
+    final, final_ranks = lora_e(model), adalora_rank_allocation(model)
+    assert len(statistics) > 0 and sum(final_ranks.values()) < 6 * len(final_ranks)
+
+    model2, hook2, optimizer2 = resume("step4.pth")
+    train(model2, hook2, optimizer2, range(4, 6))
+    resumed = hook2.state_dict()["exp_avg_ipt"]
+    assert set(resumed) == set(statistics)
+    for name, value in statistics.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=0)  # the values are ~1e-8
+    train(model2, hook2, optimizer2, range(6, 10))
+    torch.testing.assert_close(lora_e(model2), final)
+    assert adalora_rank_allocation(model2) == final_ranks
+
+    model3, hook3, optimizer3 = resume("step4.pth", with_hook_state=False)
+    train(model3, hook3, optimizer3, range(4, 6))
+    fresh = hook3.state_dict()["exp_avg_ipt"]
+    assert all((fresh[n] - statistics[n]).norm() > 0.05 * statistics[n].norm() for n in statistics)
+
+    model4, hook4, optimizer4 = resume("step8.pth")  # the final phase: the pattern comes with the state
+    train(model4, hook4, optimizer4, range(8, 10))
+    torch.testing.assert_close(lora_e(model4), final)
+
+    bad = {k: v for k, v in hook.state_dict().items() if k != "exp_avg_unc"}
+    with pytest.raises(KeyError, match="exp_avg_unc"):
+        hook.load_state_dict(bad)
+    before = hook.state_dict()  # statistics of another model: refused
+    before["ipt"] = {"other.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="MODEL.LORA"):
+        hook.load_state_dict(before)

@@ -22,7 +22,15 @@ class AdaLoraBudgetHook(HookBase):
     rank prunes the same singular values). The total rank is logged as ``adalora/total_rank``;
     after training the final allocation per module is logged and written to
     ``OUTPUT_DIR/adalora_rank_allocation.json``.
+
+    peft keeps AdaLoRA's state outside the model's state dict: the ``RankAllocator``'s running
+    averages of every adapter weight's importance and uncertainty, and the final rank pattern (fixed
+    ``TFINAL`` steps before the end and re-applied every step after). The hook's ``state_dict``
+    carries both, so the trainer's checkpoint holds them: a resumed run prunes as the uninterrupted
+    one would, and one resumed in the final phase has its pattern (peft fails without it).
     """
+
+    _STATISTICS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
     def __init__(self, model, output_dir: str, log_period: int = 20):
         self.model = model.module if hasattr(model, "module") else model
@@ -37,6 +45,34 @@ class AdaLoraBudgetHook(HookBase):
         if (self.trainer.iter + 1) % self.log_period == 0:
             self.trainer.storage.put_scalar("adalora/total_rank", sum(adalora_rank_allocation(self.model).values()),
                                             smoothing_hint=False)
+
+    @property
+    def _adapter_config(self):
+        return self.tuner.peft_config[self.tuner.trainable_adapter_name]
+
+    def state_dict(self):
+        allocator = self.tuner.rankallocator
+        state = {name: {k: v.detach().clone() for k, v in getattr(allocator, name).items()}
+                 for name in self._STATISTICS}
+        pattern = self._adapter_config.rank_pattern
+        state["rank_pattern"] = None if pattern is None else {k: list(v) for k, v in pattern.items()}
+        return state
+
+    def load_state_dict(self, state_dict):
+        missing = [name for name in self._STATISTICS if name not in state_dict]
+        if missing:
+            raise KeyError(f"AdaLoRA statistics {missing} missing from the checkpoint's hook state; "
+                           f"it holds {sorted(state_dict)}.")
+        parameters = dict(self.tuner.model.named_parameters())  # the names peft's allocator uses
+        unknown = sorted(set().union(*(state_dict[name] for name in self._STATISTICS)) - set(parameters))
+        if unknown:
+            raise ValueError(f"The checkpoint's AdaLoRA statistics name parameters this model does not have "
+                             f"(e.g. {unknown[:3]}): it was trained with other MODEL.LORA settings.")
+        allocator = self.tuner.rankallocator
+        for name in self._STATISTICS:  # the checkpointer loads on the CPU: back to each weight's device
+            setattr(allocator, name, {k: v.to(parameters[k].device) for k, v in state_dict[name].items()})
+        pattern = state_dict.get("rank_pattern")
+        self._adapter_config.rank_pattern = None if pattern is None else {k: list(v) for k, v in pattern.items()}
 
     def after_train(self):
         ranks = adalora_rank_allocation(self.model)
