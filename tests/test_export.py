@@ -395,3 +395,16 @@ def test_parity_does_not_count_a_rank_swap_as_a_box_error(monkeypatch):
                         lambda wrapper, path, images: [((boxes, scores, labels), relabelled)])
     parity = onnx_export.onnx_parity(None, "unused.onnx", [None])
     assert parity["max_box_diff"] == float("inf") and parity["label_mismatches"] == 1
+
+
+def test_providers_follow_model_device(caplog):
+    from dinodet2.export import providers_for_device
+
+    gpu_build = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for_device("cuda", gpu_build) == [("CUDAExecutionProvider", {"device_id": "0"}),
+                                                       "CPUExecutionProvider"]
+    assert providers_for_device("cuda:1", gpu_build)[0] == ("CUDAExecutionProvider", {"device_id": "1"})
+    assert providers_for_device("cpu", gpu_build) == ["CPUExecutionProvider"]
+    with caplog.at_level("WARNING"):
+        assert providers_for_device("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "onnxruntime-gpu" in caplog.text

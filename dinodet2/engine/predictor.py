@@ -27,7 +27,8 @@ def build_predictor(cfg):
     checkpoints all load; its model compiled as in training with ``MODEL.COMPILE.ENABLED``. With
     ``TEST.SLICED.ENABLED``: :class:`SlicedPredictor` (tiles of the original image; same checkpointer).
     ``MODEL.WEIGHTS`` ending in ``.onnx`` (an exported model): :class:`~dinodet2.export.OnnxPredictor`,
-    the same interface and preprocessing through ONNX Runtime (CPU)."""
+    the same interface and preprocessing through ONNX Runtime (on the GPU of a ``cuda`` ``MODEL.DEVICE``
+    when ONNX Runtime has its CUDA provider, else the CPU)."""
     if is_onnx_model(cfg.MODEL.WEIGHTS):
         if cfg.TEST.SLICED.ENABLED:
             raise ValueError(f"TEST.SLICED.ENABLED is not supported with an exported model (MODEL.WEIGHTS="

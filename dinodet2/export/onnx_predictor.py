@@ -14,8 +14,9 @@ returns up to the export's numerical parity. A graph exported at a fixed size on
 that ``ResizeShortestEdge`` brings to that size (same aspect ratio); any other image is refused
 with a clear error rather than resized differently from the PyTorch path.
 """
+import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +27,29 @@ from detectron2.structures import Boxes, Instances
 
 from .onnx_export import OUTPUT_NAMES
 
-__all__ = ["OnnxDetector", "OnnxPredictor"]
+__all__ = ["OnnxDetector", "OnnxPredictor", "providers_for_device"]
+
+logger = logging.getLogger(__name__)
+
+Provider = Union[str, Tuple[str, Dict[str, str]]]
+
+
+def providers_for_device(device: str, available: Sequence[str]) -> List[Provider]:
+    """ONNX Runtime execution providers for ``MODEL.DEVICE``: ``"cuda"`` / ``"cuda:N"`` -> the CUDA
+    provider on GPU ``N`` (CPU as fallback for operators it lacks) when this ONNX Runtime has it
+    (``available``: ``onnxruntime.get_available_providers()``); otherwise, and for ``"cpu"``, the
+    CPU provider. A CUDA device without the CUDA provider is a warning, not an error: the plain
+    ``onnxruntime`` wheel has none, and Detectron2's default ``MODEL.DEVICE`` is ``"cuda"``."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return [("CUDAExecutionProvider", {"device_id": index or "0"}), "CPUExecutionProvider"]
+        logger.warning("MODEL.DEVICE=%s but this ONNX Runtime has no CUDAExecutionProvider (it has %s): the "
+                       "exported model runs on the CPU. pip install onnxruntime-gpu to run it on the GPU.",
+                       device, list(available))
+    elif kind != "cpu":
+        logger.warning("MODEL.DEVICE=%s: the exported model runs on ONNX Runtime's CPU provider.", device)
+    return ["CPUExecutionProvider"]
 
 
 class OnnxDetector(nn.Module):
@@ -35,7 +58,7 @@ class OnnxDetector(nn.Module):
     execution providers). ``fixed_size``: ``(height, width)`` of a fixed-size graph, None for a
     ``--dynamic`` one."""
 
-    def __init__(self, onnx_path: str, providers: Optional[Sequence[str]] = None):
+    def __init__(self, onnx_path: str, providers: Optional[Sequence[Provider]] = None):
         super().__init__()
         try:
             import onnxruntime
@@ -85,11 +108,19 @@ class OnnxPredictor:
     """``DefaultPredictor`` over an exported ONNX model: ``predictor(image_bgr) -> {"instances"}``.
 
     ``cfg`` is the config the model was exported with; only ``INPUT.FORMAT``,
-    ``INPUT.MIN_SIZE_TEST`` and ``INPUT.MAX_SIZE_TEST`` are used (the model itself is the graph).
-    ``self.model`` is the :class:`OnnxDetector`."""
+    ``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST`` and ``MODEL.DEVICE`` (the execution provider,
+    :func:`providers_for_device`, unless ``providers`` are given) are used (the model itself is the
+    graph). ``self.model`` is the :class:`OnnxDetector`."""
 
-    def __init__(self, cfg, onnx_path: str, providers: Optional[Sequence[str]] = None):
+    def __init__(self, cfg, onnx_path: str, providers: Optional[Sequence[Provider]] = None):
         self.cfg = cfg.clone()
+        if providers is None:
+            try:
+                import onnxruntime
+            except ImportError:  # OnnxDetector says how to install it
+                pass
+            else:
+                providers = providers_for_device(cfg.MODEL.DEVICE, onnxruntime.get_available_providers())
         self.model = OnnxDetector(onnx_path, providers)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
