@@ -13,8 +13,8 @@ Sections:
   other than the weights (PyTorch's ``MemTracker``: exact and repeatable, unlike RSS) and the median
   seconds per step (only meaningful on an idle machine: every row says how busy the CPU was).
 
-* ``training``: every option (and all of them together) trained ``--iters`` iterations per seed with
-  ``tools/train_net.py`` on ``shapes_hard_train`` and evaluated on ``shapes_hard_val``: AP, AP50, AP75,
+* ``training``: every option, all of them together and the recommended combination, each trained
+  ``--iters`` iterations per seed with ``tools/train_net.py`` on ``shapes_hard_train`` and evaluated on ``shapes_hard_val``: AP, AP50, AP75,
   APs, s/iter (from the training log), peak RSS; mean over the seeds. ``--reuse`` completes an
   interrupted measurement.
 * ``sliced``: one trained model (``--weights``; default the ``training`` section's first improved-recipe
