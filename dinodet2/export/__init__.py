@@ -8,7 +8,7 @@ from .onnx_export import (CLASS_NAMES_KEY, TRAINING_ONLY_NAME_PARTS, export_onnx
 from .onnx_predictor import OnnxDetector, OnnxPredictor, providers_for_device
 from .quantization import QUANTIZE_SCOPES, feature_error, int8_parity, int8_path, quantize_int8, quantized_matmuls
 
-__all__ = ["CLASS_NAMES_KEY", "ExportableDETR", "OnnxDetector", "OnnxPredictor", "providers_for_device", "QUANTIZE_SCOPES",
-           "TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "feature_error", "int8_parity", "int8_path",
-           "onnx_class_names", "onnx_parity", "onnxruntime_outputs", "quantize_int8", "quantized_matmuls",
-           "training_only_names"]
+__all__ = ["CLASS_NAMES_KEY", "ExportableDETR", "OnnxDetector", "OnnxPredictor", "QUANTIZE_SCOPES",
+           "TRAINING_ONLY_NAME_PARTS", "convert_to_openvino", "export_onnx", "feature_error", "int8_parity",
+           "int8_path", "onnx_class_names", "onnx_parity", "onnxruntime_outputs", "providers_for_device",
+           "quantize_int8", "quantized_matmuls", "training_only_names"]
